@@ -1,0 +1,94 @@
+"""`megamor`: one command, a subcommand per user action.
+
+    megamor pretrain [--config FILE] [--nproc N] [section.option=value ...]
+    megamor config show|validate [--config FILE] [--world-size N] [overrides ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+
+def _quiet() -> None:
+    # megatron-core warns at import about optional GPU packages; the run log says what is used.
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+
+def _load(args):
+    from megamor.config import ConfigError, load_config
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        sys.exit(f"megamor: config error: {e}")
+
+
+def cmd_pretrain(args) -> int:
+    from launch.local import relaunch, under_launcher
+    from megamor.config import ConfigError
+
+    cfg = _load(args)
+    world = int(os.environ.get("WORLD_SIZE", args.nproc if not under_launcher() else 1))
+    try:
+        cfg.validate(world_size=world)  # fail before any rank starts
+    except ConfigError as e:
+        sys.exit(f"megamor: config error: {e}")
+    if args.nproc > 1 and not under_launcher():
+        passthrough = [a for a in sys.argv[1:]]
+        i = passthrough.index("--nproc")
+        del passthrough[i:i + 2]
+        return relaunch(args.nproc, passthrough)
+    _quiet()
+    from megamor import parallel
+    from megamor.trainer import Trainer
+    try:
+        Trainer(cfg).train()
+    finally:
+        parallel.shutdown()
+    return 0
+
+
+def cmd_config(args) -> int:
+    import yaml
+    from megamor.config import ConfigError
+    cfg = _load(args)
+    try:
+        cfg.validate(world_size=args.world_size)
+    except ConfigError as e:
+        sys.exit(f"megamor: config error: {e}")
+    if args.action == "show":
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    else:
+        print("config ok")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="megamor", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain a model (vanilla, recursive or MoR)")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--nproc", type=int, default=1, help="local ranks to start (gloo on CPU)")
+    p.add_argument("overrides", nargs="*", help="section.option=value")
+    p.set_defaults(fn=cmd_pretrain)
+
+    c = sub.add_parser("config", help="print or check a resolved config")
+    c.add_argument("action", choices=["show", "validate"])
+    c.add_argument("--config")
+    c.add_argument("--world-size", type=int, default=None)
+    c.add_argument("overrides", nargs="*")
+    c.set_defaults(fn=cmd_config)
+
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

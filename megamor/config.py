@@ -1,0 +1,431 @@
+"""Typed run configuration: dataclasses loaded from YAML, overridable from the command line.
+
+One place for every option a run has. `load_config(path, overrides)` builds a `Config` from an
+optional YAML file, a model preset and `section.field=value` overrides, then `validate()` checks
+every cross-field rule once, at start-up, raising `ConfigError` with a message that names the
+option and says what to change. The resolved config is saved next to every run and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from megamor.presets import MODEL_PRESETS
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the option and the fix."""
+
+
+ARCHS = ("vanilla", "recursive", "mor")
+SHARING = ("cycle", "sequence", "middle_cycle", "middle_sequence")
+ROUTERS = ("expert_choice", "token_choice")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the network. `num_layers` is the unrolled depth L (prelude + N_r x B + coda)."""
+
+    preset: Optional[str] = None
+    arch: str = "mor"  # vanilla | recursive | mor
+    num_layers: int = 8
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    ffn_hidden_size: int = 176
+    kv_channels: Optional[int] = None  # head dim; default hidden_size / heads
+    vocab_size: Optional[int] = None  # default: the tokenizer's
+    make_vocab_size_divisible_by: int = 64
+    seq_length: int = 128
+    rotary_base: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    num_recursions: int = 3
+    sharing: str = "middle_cycle"
+    kv_sharing: bool = False  # recursive KV sharing: later steps reuse step 1's K/V
+    backend: str = "auto"  # auto | local | te   (te = Transformer Engine, GPU only)
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class RoutingConfig:
+    """MoR routers (MOR_SPEC.md sections 3 and 4). Ignored unless model.arch == 'mor'."""
+
+    type: str = "expert_choice"  # expert_choice | token_choice
+    alpha: Optional[float] = None  # gate scale; default 0.1 (expert) / 1.0 (token)
+    capacity: Optional[list] = None  # per step; default (N_r - r + 1) / N_r
+    causal: str = "aux_loss"  # aux_loss | aux_router  (how expert-choice routes at inference)
+    aux_loss_weight: float = 0.001
+    balancing: str = "loss"  # loss | loss_free  (token-choice)
+    balance_loss_weight: float = 0.1
+    z_loss_weight: float = 0.0
+    bias_update_rate: float = 0.001
+    gate_every_step: bool = False  # token-choice: gate intermediate steps too (paper's equation)
+
+    def resolved_alpha(self) -> float:
+        if self.alpha is not None:
+            return self.alpha
+        return 0.1 if self.type == "expert_choice" else 1.0
+
+    def capacities(self, num_recursions: int) -> list[float]:
+        if self.capacity is not None:
+            return [float(c) for c in self.capacity]
+        return [(num_recursions - r) / num_recursions for r in range(num_recursions)]
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. data_parallel_size is world_size / (tp * pp) unless given."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    data_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+    pipeline_layers: Optional[list] = None  # unrolled layers per stage; default: cost-balanced
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    train_steps: int = 100
+    lr: float = 3e-3
+    min_lr: float = 0.0
+    lr_schedule: str = "wsd"  # wsd | cosine | constant
+    warmup_steps: int = 10
+    decay_fraction: float = 0.2  # wsd: last fraction of steps decays linearly to min_lr
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp8   (auto: bf16 on GPU, fp32 on CPU)
+    device: str = "auto"  # auto | cpu | cuda
+    log_interval: int = 1
+    eval_interval: int = 0
+    eval_batches: int = 2
+
+
+@dataclass
+class DataConfig:
+    path: str = "builtin"  # prepared shards directory, or 'builtin' (CPython's own docs)
+    builtin_root: str = "~/.cache/megamor/builtin"
+    tokenizer: Optional[str] = None  # tokenizer dir/file; default: the dataset's
+    tokenizer_vocab_size: int = 1024  # used when training the builtin tokenizer
+    seed: int = 1234
+
+
+@dataclass
+class RunConfig:
+    name: str = "megamor"
+    output_dir: str = "runs/default"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self, world_size: Optional[int] = None) -> "Config":
+        validate(self, world_size)
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if tp is list or origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return list(value)
+    return value
+
+
+def _section_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _apply(section_obj: Any, values: dict, where: str) -> None:
+    hints = _section_types(type(section_obj))
+    for key, value in values.items():
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"{where}: unknown option '{key}' (known: {known})")
+        setattr(section_obj, key, _coerce(value, hints[key], f"{where}.{key}"))
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    cfg = Config()
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections")
+    sections = _section_types(Config)
+    # A model preset fills the model section first; explicit keys then override it.
+    model_values = dict(data.get("model") or {})
+    preset = model_values.get("preset")
+    if preset is not None:
+        if preset not in MODEL_PRESETS:
+            raise ConfigError(
+                f"{source}: model.preset={preset!r} is unknown; choose one of "
+                f"{', '.join(MODEL_PRESETS)}"
+            )
+        _apply(cfg.model, MODEL_PRESETS[preset], f"{source}: preset {preset}")
+    for name, values in data.items():
+        if name not in sections:
+            raise ConfigError(
+                f"{source}: unknown section '{name}' (known: {', '.join(sections)})"
+            )
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{name}' must be a mapping")
+        _apply(getattr(cfg, name), values, f"{source}: {name}")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(
+            f"override {text!r} must look like section.option=value, e.g. model.hidden_size=128"
+        )
+    key, raw = text.split("=", 1)
+    section, option = key.strip().split(".", 1)
+    return section, option, yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """YAML file (optional) -> preset -> overrides, in that order of precedence (last wins)."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    for text in overrides or []:
+        section, option, value = parse_override(text)
+        data.setdefault(section, {})
+        if data[section] is None:
+            data[section] = {}
+        data[section][option] = value
+    return config_from_dict(data, source)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _choice(value: str, choices: tuple, option: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{option}={value!r} is not one of {', '.join(choices)}")
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    m, r, p, t = cfg.model, cfg.routing, cfg.parallel, cfg.train
+    _choice(m.arch, ARCHS, "model.arch")
+    _choice(m.sharing, SHARING, "model.sharing")
+    _choice(m.backend, ("auto", "local", "te"), "model.backend")
+    _choice(r.type, ROUTERS, "routing.type")
+    _choice(r.causal, ("aux_loss", "aux_router"), "routing.causal")
+    _choice(r.balancing, ("loss", "loss_free"), "routing.balancing")
+    _choice(t.lr_schedule, ("wsd", "cosine", "constant"), "train.lr_schedule")
+    _choice(t.precision, ("auto", "fp32", "bf16", "fp8"), "train.precision")
+    _choice(t.device, ("auto", "cpu", "cuda"), "train.device")
+
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                 "ffn_hidden_size", "seq_length", "num_recursions"):
+        if getattr(m, name) < 1:
+            raise ConfigError(f"model.{name}={getattr(m, name)} must be >= 1")
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"model.num_query_groups={m.num_query_groups}"
+        )
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+            f"{m.num_attention_heads}; set model.kv_channels or change one of them"
+        )
+    if m.head_dim % 2:
+        raise ConfigError(f"head dimension {m.head_dim} must be even for RoPE")
+
+    # Recursion: the unrolled depth must fit N_r and the sharing strategy.
+    if m.arch != "vanilla":
+        nr = m.num_recursions
+        if nr < 2:
+            raise ConfigError(f"model.num_recursions={nr}: arch={m.arch} needs at least 2")
+        middle = m.sharing.startswith("middle")
+        inner = m.num_layers - 2 if middle else m.num_layers
+        if inner < nr or inner % nr:
+            good = [L for L in range(m.num_layers, m.num_layers + 2 * nr + 1)
+                    if (L - 2 if middle else L) % nr == 0 and (L - 2 if middle else L) >= nr]
+            what = "num_layers - 2" if middle else "num_layers"
+            raise ConfigError(
+                f"model.num_layers={m.num_layers} does not fit num_recursions={nr} with "
+                f"sharing={m.sharing}: {what} must be a positive multiple of {nr}; "
+                f"use model.num_layers={good[0]}"
+                + (" (paper: 1 + B x N_r + 1)" if middle else "")
+            )
+    if m.arch == "mor":
+        caps = r.capacities(m.num_recursions)
+        if len(caps) != m.num_recursions:
+            raise ConfigError(
+                f"routing.capacity has {len(caps)} entries; it needs one per recursion step "
+                f"(model.num_recursions={m.num_recursions})"
+            )
+        if any(not (0.0 < c <= 1.0) for c in caps):
+            raise ConfigError(f"routing.capacity={caps}: every entry must be in (0, 1]")
+        if any(b > a for a, b in zip(caps, caps[1:])):
+            raise ConfigError(
+                f"routing.capacity={caps} increases; hierarchical filtering needs a "
+                f"non-increasing schedule (each step chooses among the previous step's tokens)"
+            )
+        if r.type == "expert_choice" and r.resolved_alpha() <= 0:
+            raise ConfigError("routing.alpha must be > 0")
+        if m.kv_sharing and caps[0] != 1.0:
+            raise ConfigError(
+                f"model.kv_sharing needs routing.capacity[0] == 1 (step 1 computes the K/V of "
+                f"every token that later steps reuse), got {caps[0]}"
+            )
+    if m.kv_sharing and m.arch == "vanilla":
+        raise ConfigError("model.kv_sharing needs arch=recursive or arch=mor")
+
+    # Parallel layout.
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise ConfigError("parallel sizes must be >= 1")
+    if m.num_attention_heads % tp:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"parallel.tensor_model_parallel_size={tp}"
+        )
+    if m.num_query_groups % tp:
+        raise ConfigError(
+            f"model.num_query_groups={m.num_query_groups} is not divisible by "
+            f"parallel.tensor_model_parallel_size={tp}"
+        )
+    if m.ffn_hidden_size % tp:
+        raise ConfigError(
+            f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by "
+            f"parallel.tensor_model_parallel_size={tp}"
+        )
+    if pp > m.num_layers:
+        raise ConfigError(
+            f"parallel.pipeline_model_parallel_size={pp} is larger than the unrolled depth "
+            f"model.num_layers={m.num_layers}; every stage needs at least one layer"
+        )
+    if p.pipeline_layers is not None:
+        pl = [int(x) for x in p.pipeline_layers]
+        if len(pl) != pp or sum(pl) != m.num_layers or min(pl) < 1:
+            raise ConfigError(
+                f"parallel.pipeline_layers={pl} must have {pp} positive entries summing to "
+                f"model.num_layers={m.num_layers}"
+            )
+    if m.kv_sharing and pp > 1:
+        raise ConfigError(
+            "model.kv_sharing with parallel.pipeline_model_parallel_size > 1 is not supported: "
+            "step 1's K/V would have to cross stages; use pipeline_model_parallel_size=1"
+        )
+    if p.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
+    if p.sequence_parallel and m.arch == "mor":
+        raise ConfigError(
+            "parallel.sequence_parallel is not supported with arch=mor yet (routing needs the "
+            "whole sequence on every tensor-parallel rank); set it to false"
+        )
+    if world_size is not None:
+        if world_size % (tp * pp):
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tensor x pipeline parallel = "
+                f"{tp} x {pp}; change the number of processes or the layout"
+            )
+        dp = world_size // (tp * pp)
+        if p.data_parallel_size is not None and p.data_parallel_size != dp:
+            raise ConfigError(
+                f"parallel.data_parallel_size={p.data_parallel_size} but world size {world_size}"
+                f" / (tp {tp} x pp {pp}) = {dp}"
+            )
+        p.data_parallel_size = dp
+    dp = p.data_parallel_size or 1
+
+    # Batch arithmetic.
+    if t.micro_batch_size < 1 or t.global_batch_size < 1:
+        raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"micro_batch_size x data_parallel_size = {t.micro_batch_size} x {dp}"
+        )
+    if t.train_steps < 1:
+        raise ConfigError(f"train.train_steps={t.train_steps} must be >= 1")
+    if t.warmup_steps < 0 or t.warmup_steps > t.train_steps:
+        raise ConfigError(
+            f"train.warmup_steps={t.warmup_steps} must be between 0 and train_steps={t.train_steps}"
+        )
+    if not 0.0 <= t.decay_fraction <= 1.0:
+        raise ConfigError(f"train.decay_fraction={t.decay_fraction} must be in [0, 1]")
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        raise ConfigError(f"train.lr={t.lr} / train.min_lr={t.min_lr}: need 0 <= min_lr <= lr")
+    if not math.isfinite(t.clip_grad) or t.clip_grad < 0:
+        raise ConfigError(f"train.clip_grad={t.clip_grad} must be >= 0 (0 disables clipping)")

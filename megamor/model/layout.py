@@ -1,0 +1,108 @@
+"""The unrolled network as a plan: which unique layer each unrolled layer uses, which recursion
+step it belongs to, what it is expected to cost, and how the plan is cut into pipeline stages.
+
+Pure Python (no torch) so that validation, the FLOPs model and the pipeline cut agree on one
+description. Vocabulary: "unrolled layer" = a position 0..L-1 in the executed depth; "unique
+layer" = a parameter set; "step" = recursion step 1..N_r (0 = outside the recursion: prelude,
+coda, or every layer of a vanilla model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class UnrolledLayer:
+    index: int  # position in the unrolled network
+    unique: int  # index of the parameter set it runs
+    step: int  # recursion step 1..N_r, 0 outside the recursion
+    slot: int  # position inside its step's segment (0..B-1); KV sharing reuses step 1's slot
+    first_in_step: bool
+    last_in_step: bool
+    cost: float  # expected fraction of the sequence it processes
+
+
+@dataclass(frozen=True)
+class Plan:
+    layers: tuple[UnrolledLayer, ...]
+    num_unique: int
+    num_recursions: int
+    block_size: int  # B, layers per recursion step (0 for vanilla)
+
+    def unique_layers_in(self, start: int, stop: int) -> list[int]:
+        return sorted({l.unique for l in self.layers[start:stop]})
+
+
+def build_plan(arch: str, num_layers: int, num_recursions: int, sharing: str,
+               capacities: list[float] | None = None) -> Plan:
+    """Map the unrolled depth onto unique layers (MOR_SPEC.md section 2)."""
+    L = num_layers
+    if arch == "vanilla":
+        layers = tuple(UnrolledLayer(i, i, 0, 0, False, False, 1.0) for i in range(L))
+        return Plan(layers, L, 1, 0)
+    nr = num_recursions
+    middle = sharing.startswith("middle")
+    inner = L - 2 if middle else L
+    B = inner // nr
+    caps = capacities if (arch == "mor" and capacities is not None) else [1.0] * nr
+    out = []
+    for i in range(L):
+        if middle and i == 0:
+            out.append(UnrolledLayer(i, 0, 0, 0, False, False, 1.0))
+            continue
+        if middle and i == L - 1:
+            out.append(UnrolledLayer(i, B + 1, 0, 0, False, False, 1.0))
+            continue
+        m = i - 1 if middle else i  # position inside the recursive part
+        step = m // B + 1
+        slot = m % B
+        if sharing.endswith("cycle"):
+            u = m % B
+        else:  # sequence: each unique layer repeated N_r times in a row
+            u = m // nr
+        if middle:
+            u += 1
+        out.append(UnrolledLayer(i, u, step, slot, slot == 0, slot == B - 1, caps[step - 1]))
+    num_unique = B + 2 if middle else B
+    return Plan(tuple(out), num_unique, nr, B)
+
+
+def balanced_cut(costs: list[float], num_stages: int) -> list[int]:
+    """Split `costs` into `num_stages` contiguous non-empty parts minimising the largest sum.
+
+    Returns the number of layers per stage. Exact dynamic programme (L and P are small); ties go
+    to the cut that puts more layers early, so the result is deterministic.
+    """
+    n = len(costs)
+    assert 1 <= num_stages <= n
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[p][i]: minimal max-stage-cost for the first i layers in p stages
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    arg = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for p in range(1, num_stages + 1):
+        for i in range(p, n + 1):
+            for j in range(i - 1, p - 2, -1):
+                v = max(best[p - 1][j], prefix[i] - prefix[j])
+                if v < best[p][i] - 1e-12:
+                    best[p][i], arg[p][i] = v, j
+    sizes = []
+    i = n
+    for p in range(num_stages, 0, -1):
+        j = arg[p][i]
+        sizes.append(i - j)
+        i = j
+    return sizes[::-1]
+
+
+def stage_ranges(plan: Plan, num_stages: int, sizes: list[int] | None = None) -> list[tuple[int, int]]:
+    sizes = sizes or balanced_cut([l.cost for l in plan.layers], num_stages)
+    out, start = [], 0
+    for s in sizes:
+        out.append((start, start + s))
+        start += s
+    return out

@@ -1,0 +1,312 @@
+"""The MoR language model: one pipeline stage of the unrolled network, built from megatron specs.
+
+A stage holds the unique layers its slice of the unrolled plan uses (copies of shared layers may
+live on several stages; `megamor.parallel` keeps them identical), the routers of the steps that
+start on it, and the embedding / final norm + tied output layer on the first / last stage.
+
+Batch flow through one stage (hidden states [s, b, h]):
+  tokens -> embedding (first stage)  |  unpack the wire tensor from the previous stage
+  for each unrolled layer of the stage:
+      first layer of step r: route (expert-choice top-k among step r-1's survivors, or
+                             token-choice depth >= r), gather the active tokens -> [k, b, h]
+      layer (megatron TransformerLayer) on the gathered tokens, causal among them, RoPE at their
+                             original positions
+      last layer of step r:  scatter back: H^{r+1} = H^r + g * f(H^r) for the processed tokens
+  final norm -> tied output layer -> per-token loss (last stage)  |  pack the wire tensor
+
+The wire tensor of a routed model is [s, b, 2h + 2] = [x | base | active | gate] so that a stage
+boundary may fall anywhere, even inside a recursion step (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megamor.config import ModelConfig, RoutingConfig
+from megamor.model.layout import Plan
+from megamor.model.routing import (
+    ActiveSet, AttachAuxLoss, ExpertChoiceRouter, TokenChoiceRouter, balancing_loss,
+    full_causal_mask, rope_freqs, z_loss,
+)
+from megamor.model.specs import KVShareContext, MoRSelfAttention, layer_spec, norm_spec
+
+# Seed tags: every parameter set is initialised from its own seed, so a unique layer gets the
+# same weights on every stage that holds a copy, and every parallel layout starts from the
+# weights of the single-process model.
+_TAG_EMBEDDING = 0
+_TAG_FINAL_NORM = 1
+_TAG_ROUTER = 100
+_TAG_LAYER = 1000
+
+
+@contextlib.contextmanager
+def seeded(seed: int, tag: int):
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed * 100003 + tag)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+class StageState:
+    """Routing state carried through the unrolled layers (and across stage boundaries)."""
+
+    def __init__(self, x: Tensor, base: Tensor, active: Tensor, gate: Tensor):
+        self.x, self.base, self.active, self.gate = x, base, active, gate
+        self.tokens: Optional[ActiveSet] = None  # gathered set of the current step
+        self.xg: Optional[Tensor] = None  # running activations of the gathered tokens
+
+    def pack(self) -> Tensor:
+        x = self.x if self.xg is None else self.tokens.scatter(self.x, self.xg)
+        return torch.cat([x, self.base, self.active.unsqueeze(-1), self.gate.unsqueeze(-1)], -1)
+
+    @classmethod
+    def unpack(cls, wire: Tensor, h: int) -> "StageState":
+        return cls(wire[..., :h], wire[..., h:2 * h], wire[..., 2 * h], wire[..., 2 * h + 1])
+
+
+class MoRModel(LanguageModule):
+    """One pipeline stage of a vanilla, recursive or MoR language model."""
+
+    def __init__(self, config: TransformerConfig, model_cfg: ModelConfig, routing_cfg: RoutingConfig,
+                 plan: Plan, stage: tuple[int, int], vocab_size: int, pre_process: bool,
+                 post_process: bool, seed: int, backend: str = "local", dp_group=None):
+        super().__init__(config=config)
+        self.mcfg, self.rcfg, self.plan = model_cfg, routing_cfg, plan
+        self.start, self.stop = stage
+        self.pre_process, self.post_process = pre_process, post_process
+        self.vocab_size = vocab_size
+        self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = True
+        self.routed = model_cfg.arch == "mor"
+        self.kv_sharing = model_cfg.kv_sharing
+        self.dp_group = dp_group
+        self.capacities = routing_cfg.capacities(model_cfg.num_recursions)
+        self.input_tensor = None
+        self.aux_loss_scale = 1.0  # 1 / num_microbatches, set by the trainer
+        self.routing_threshold: Optional[bool] = None  # None: threshold iff not training
+        h = config.hidden_size
+        self.wire_channels = 2 * h + 2 if self.routed else h
+
+        if pre_process:
+            with seeded(seed, _TAG_EMBEDDING):
+                self.embedding = LanguageModelEmbedding(
+                    config=config, vocab_size=vocab_size,
+                    max_sequence_length=model_cfg.seq_length, position_embedding_type="rope")
+        spec = layer_spec(backend, self.kv_sharing, self.routed)
+        self.layers = nn.ModuleDict()
+        for u in plan.unique_layers_in(self.start, self.stop):
+            with seeded(seed, _TAG_LAYER + u):
+                self.layers[str(u)] = build_module(spec, config=config, layer_number=u + 1)
+        self.routers = nn.ModuleDict()
+        if self.routed:
+            alpha = routing_cfg.resolved_alpha()
+            for l in plan.layers[self.start:self.stop]:
+                if not l.first_in_step:
+                    continue
+                if routing_cfg.type == "expert_choice":
+                    with seeded(seed, _TAG_ROUTER + l.step):
+                        self.routers[str(l.step)] = ExpertChoiceRouter(
+                            h, alpha, model_cfg.init_std, routing_cfg.causal == "aux_router")
+                elif l.step == 1:
+                    with seeded(seed, _TAG_ROUTER):
+                        self.routers["1"] = TokenChoiceRouter(
+                            h, model_cfg.num_recursions, alpha, model_cfg.init_std)
+        if post_process:
+            with seeded(seed, _TAG_FINAL_NORM):
+                self.final_norm = build_module(norm_spec(backend), config=config, hidden_size=h,
+                                               eps=config.layernorm_epsilon)
+            with seeded(seed, _TAG_EMBEDDING):  # same draw as the embedding: tied copies agree
+                self.output_layer = tensor_parallel.ColumnParallelLinear(
+                    h, vocab_size, config=config, init_method=config.init_method, bias=False,
+                    skip_bias_add=False, gather_output=False,
+                    skip_weight_param_allocation=pre_process)
+        self._tie_embeddings()
+        self.reset_stats()
+
+    # -------------------------------------------------------------- megatron plumbing
+
+    def _tie_embeddings(self) -> None:
+        """Mark the tied embedding / output weights the way megatron's grad finaliser expects.
+
+        The last stage's copy already equals the first stage's (same seeded draw), so unlike
+        `LanguageModule.setup_embeddings_and_output_layer` no start-up all-reduce is needed.
+        """
+        if self.pre_process:
+            self.embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
+        if self.post_process and self.output_layer.weight is not None:
+            self.output_layer.weight.is_embedding_or_output_parameter = True
+        if self.config.pipeline_model_parallel_size == 1:
+            self.shared_embedding_or_output_weight().zero_out_wgrad = True
+            return
+        w = self.shared_embedding_or_output_weight()
+        if w is not None:
+            w.shared_embedding = True
+            if not self.pre_process:
+                w.shared = True
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def reset_stats(self) -> None:
+        # Host-side counters, summed over micro-batches until the trainer reads them.
+        self.token_counts: dict[int, float] = {}  # unrolled layer index -> tokens processed
+        self.stats: dict[str, Tensor] = {}
+
+    def _stat(self, key: str, value: Tensor) -> None:
+        v = value.detach().float()
+        self.stats[key] = self.stats[key] + v if key in self.stats else v
+
+    def _threshold(self) -> bool:
+        return (not self.training) if self.routing_threshold is None else self.routing_threshold
+
+    def _attach(self, x: Tensor, loss: Tensor, weight: float) -> Tensor:
+        if weight == 0 or not (self.training and torch.is_grad_enabled()):
+            return x
+        return AttachAuxLoss.apply(x, loss, weight * self.aux_loss_scale)
+
+    # -------------------------------------------------------------- forward
+
+    def forward(self, input_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> Tensor:
+        """First stage: input_ids [b, s]. Last stage: returns per-token loss [b, s] if labels are
+        given, else logits [s, b, v/tp]. Other stages: the wire tensor for the next stage."""
+        h = self.config.hidden_size
+        if self.pre_process:
+            x = self.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
+            s, b = x.shape[0], x.shape[1]
+            ones = x.new_ones(s, b)
+            state = StageState(x, x, ones, x.new_zeros(s, b))
+        else:
+            wire = self.input_tensor
+            state = StageState.unpack(wire, h) if self.routed else StageState(wire, wire, None, None)
+        s, b = state.x.shape[0], state.x.shape[1]
+        full_mask = full_causal_mask(s, b, state.x.device)
+        full_rope = rope_freqs(torch.arange(s, device=state.x.device), self.mcfg.head_dim,
+                               self.mcfg.rotary_base)
+        kv_store: dict = {}
+        for l in self.plan.layers[self.start:self.stop]:
+            layer = self.layers[str(l.unique)]
+            if not self.routed:
+                kv = self._kv_context(layer, l, kv_store)
+                rope = full_rope if kv is None or kv.mode != "read" else (full_rope, full_rope)
+                state.x = layer(hidden_states=state.x, attention_mask=full_mask, rotary_pos_emb=rope)[0]
+                self.token_counts[l.index] = self.token_counts.get(l.index, 0.0) + s * b
+                continue
+            if l.step == 0:
+                state.x = layer(hidden_states=state.x, attention_mask=full_mask, rotary_pos_emb=full_rope)[0]
+                state.base = state.x
+                self.token_counts[l.index] = self.token_counts.get(l.index, 0.0) + s * b
+                continue
+            if l.first_in_step:
+                self._begin_step(state, l.step)
+            elif state.tokens is None:  # this stage starts inside a step: re-gather
+                state.tokens = self._active_set(state, l.step)
+                state.xg = state.tokens.gather(state.x)
+            tok = state.tokens
+            kv = self._kv_context(layer, l, kv_store)
+            if kv is not None and kv.mode == "read":
+                mask, rope = tok.attention_mask_to_full(), (self._gathered_rope(tok), full_rope)
+            else:
+                mask, rope = tok.attention_mask(), self._gathered_rope(tok)
+            state.xg = layer(hidden_states=state.xg, attention_mask=mask, rotary_pos_emb=rope)[0]
+            self.token_counts[l.index] = self.token_counts.get(l.index, 0.0) + tok.num_tokens
+            if l.last_in_step:
+                self._end_step(state, l.step)
+        for layer in self.layers.values():
+            if isinstance(layer.self_attention, MoRSelfAttention):
+                layer.self_attention.kv_share = None
+        if not self.post_process:
+            return state.pack() if self.routed else state.x
+        x = state.x if state.xg is None else state.tokens.scatter(state.x, state.xg)
+        x = self.final_norm(x)
+        logits, _ = self.output_layer(x, weight=self.shared_embedding_or_output_weight())
+        if labels is None:
+            return logits
+        return self.compute_language_model_loss(labels, logits)  # [b, s]
+
+    def _gathered_rope(self, tok: ActiveSet) -> Tensor:
+        return rope_freqs(tok.idx, self.mcfg.head_dim, self.mcfg.rotary_base)
+
+    def _kv_context(self, layer, l, store) -> Optional[KVShareContext]:
+        if not self.kv_sharing or l.step == 0:
+            return None
+        ctx = KVShareContext(mode="write" if l.step == 1 else "read", slot=l.slot, store=store)
+        layer.self_attention.kv_share = ctx
+        return ctx
+
+    def _active_set(self, state: StageState, step: int) -> ActiveSet:
+        if self.rcfg.type == "expert_choice":
+            return ActiveSet.from_mask(state.active > 0.5)
+        return ActiveSet.from_mask(state.active >= step - 0.5)
+
+    def _begin_step(self, state: StageState, step: int) -> None:
+        x = state.x
+        if self.rcfg.type == "expert_choice":
+            router = self.routers[str(step)]
+            reached = state.active > 0.5
+            selected, gate, aux, st = router.route(x, reached, self.capacities[step - 1], self._threshold())
+            for k, v in st.items():
+                self._stat(f"router/step{step}/{k}", v)
+            x = self._attach(x, aux, self.rcfg.aux_loss_weight)
+            state.x = state.base = x
+            state.active = selected.to(x.dtype)
+            state.gate = gate * selected
+        elif step == 1:
+            router = self.routers["1"]
+            depth, gate, probs, logits, counts = router.route(x, self.rcfg.balancing == "loss_free")
+            loss = x.new_zeros(())
+            if self.rcfg.balancing == "loss":
+                bal = balancing_loss(probs, counts, self.mcfg.num_recursions, self.dp_group)
+                loss = loss + self.rcfg.balance_loss_weight * bal
+                self._stat("router/balance_loss", bal)
+            if self.rcfg.z_loss_weight:
+                zl = z_loss(logits)
+                loss = loss + self.rcfg.z_loss_weight * zl
+                self._stat("router/z_loss", zl)
+            x = self._attach(x, loss, 1.0)
+            for i in range(self.mcfg.num_recursions):
+                self._stat(f"router/depth{i + 1}/tokens", counts[i])
+            state.x = state.base = x
+            state.active = depth.to(x.dtype)
+            state.gate = gate
+        state.tokens = self._active_set(state, step)
+        state.xg = state.tokens.gather(state.x)
+
+    def _end_step(self, state: StageState, step: int) -> None:
+        tok, y = state.tokens, state.xg
+        g = tok.gather(state.gate.unsqueeze(-1))  # [k, b, 1]
+        base_g = tok.gather(state.base)
+        if self.rcfg.type == "expert_choice":
+            # H^{r+1} = H^r + g * f(H^r) for the selected tokens, H^r for the others.
+            state.x = tok.scatter(state.base, base_g + g * y)
+            state.base = state.x
+        else:
+            # Token-choice: the exit step adds the gated output onto H^1; earlier steps carry
+            # the ungated (or, with gate_every_step, gated) block output.
+            d = tok.gather(state.active.unsqueeze(-1))
+            cont = g * y if self.rcfg.gate_every_step else y
+            upd = torch.where((d - step).abs() < 0.5, base_g + g * y, cont)
+            state.x = tok.scatter(state.x, upd)
+        state.tokens, state.xg = None, None
+
+    # -------------------------------------------------------------- routing state updates
+
+    def update_router_bias(self) -> None:
+        """Loss-free balancing: called once after every optimizer step."""
+        if self.routed and self.rcfg.type == "token_choice" and self.rcfg.balancing == "loss_free":
+            if "1" in self.routers:
+                self.routers["1"].update_bias(self.rcfg.bias_update_rate, self.dp_group)

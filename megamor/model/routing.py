@@ -1,0 +1,225 @@
+"""MoR routers and the gather/scatter of active tokens (MOR_SPEC.md sections 3 and 4).
+
+Tensors follow megatron's layout: hidden states are [s, b, h] (sequence first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ----------------------------------------------------------------------------- active tokens
+
+
+@dataclass
+class ActiveSet:
+    """The tokens a recursion step processes, gathered per sequence in causal order.
+
+    idx:   [k, b] original positions (padding rows point at 0)
+    valid: [k, b] True for real tokens (all True for expert-choice: exactly k per sequence)
+    """
+
+    idx: torch.Tensor
+    valid: torch.Tensor
+    seq_len: int
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "ActiveSet":
+        """mask [s, b] bool -> positions of the True entries, in order, padded to the max count."""
+        s, b = mask.shape
+        counts = mask.sum(0)
+        k = int(counts.max().item()) if b else 0  # host sync: the gathered length is data dependent
+        k = max(k, 1)
+        pos = torch.arange(s, device=mask.device).unsqueeze(1).expand(s, b)
+        # Sort key: active tokens first, in position order; inactive after them.
+        key = torch.where(mask, pos, pos + s)
+        order = key.argsort(dim=0)[:k]  # [k, b]
+        valid = torch.arange(k, device=mask.device).unsqueeze(1) < counts.unsqueeze(0)
+        idx = torch.where(valid, order, torch.zeros_like(order))
+        return cls(idx, valid, s)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.valid.sum().item())
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x [s, b, h] -> [k, b, h]."""
+        return x.gather(0, self.idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+    def scatter(self, base: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Out-of-place: base [s, b, h] with the valid rows replaced by y [k, b, h]."""
+        s, b, h = base.shape
+        bidx = torch.arange(b, device=base.device).unsqueeze(0).expand_as(self.idx)
+        flat = (self.idx * b + bidx)[self.valid]
+        return base.reshape(s * b, h).index_copy(0, flat, y[self.valid]).reshape(s, b, h)
+
+    def attention_mask(self) -> torch.Tensor:
+        """[b, 1, k, k] bool, True = masked: causal among the gathered tokens, padding masked."""
+        k = self.idx.shape[0]
+        causal = torch.ones(k, k, dtype=torch.bool, device=self.idx.device).triu(1)
+        pad_key = ~self.valid.t()  # [b, k]
+        return (causal.unsqueeze(0) | pad_key.unsqueeze(1)).unsqueeze(1)  # [b, 1, k, k]
+
+    def attention_mask_to_full(self) -> torch.Tensor:
+        """[b, 1, k, s] for queries of this set against keys of every position (KV sharing)."""
+        keys = torch.arange(self.seq_len, device=self.idx.device)
+        m = keys.view(1, 1, -1) > self.idx.t().unsqueeze(-1)  # [b, k, s]
+        return m.unsqueeze(1)
+
+
+def full_causal_mask(s: int, b: int, device) -> torch.Tensor:
+    return torch.ones(s, s, dtype=torch.bool, device=device).triu(1).view(1, 1, s, s).expand(b, 1, s, s)
+
+
+# ----------------------------------------------------------------------------- aux-loss plumbing
+
+
+class AttachAuxLoss(torch.autograd.Function):
+    """Return `x` unchanged; in backward, also send d(scale * aux)/d(aux) = scale into `aux`.
+
+    Router losses are computed on whatever pipeline stage holds the router; attaching them to the
+    activations that leave that stage makes backward deliver their gradient there, so nothing but
+    the hidden state crosses stage boundaries (the pattern of megatron's MoE aux-loss scaler).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor, scale: float):
+        ctx.save_for_backward(aux)
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (aux,) = ctx.saved_tensors
+        return grad, torch.full_like(aux, ctx.scale), None
+
+
+# ----------------------------------------------------------------------------- routers
+
+
+class ExpertChoiceRouter(nn.Module):
+    """One router per recursion step: bias-free d -> 1 linear, gate = alpha * sigmoid(logit)."""
+
+    def __init__(self, hidden_size: int, alpha: float, init_std: float, aux_router: bool):
+        super().__init__()
+        self.alpha = alpha
+        self.weight = nn.Parameter(torch.empty(1, hidden_size))
+        nn.init.normal_(self.weight, 0.0, init_std)
+        # Optional auxiliary router (MLP on detached states) used only for causal inference.
+        self.aux = None
+        if aux_router:
+            self.aux = nn.Sequential(
+                nn.Linear(hidden_size, hidden_size // 2, bias=False), nn.SiLU(),
+                nn.Linear(hidden_size // 2, 1, bias=False),
+            )
+            for mod in self.aux:
+                if isinstance(mod, nn.Linear):
+                    nn.init.normal_(mod.weight, 0.0, init_std)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.weight.t()).squeeze(-1)  # [s, b]
+
+    def route(self, x: torch.Tensor, reached: torch.Tensor, capacity: float, threshold: bool):
+        """x [s, b, h], reached [s, b] bool (survivors of the previous step).
+
+        Returns (selected [s, b] bool, gate [s, b], aux_loss scalar or None, stats dict).
+        Training: top-k_r per sequence among `reached`, k_r = max(1, floor(c_r * s)).
+        Inference (`threshold`): continue iff sigmoid(logit) >= 0.5 (or the aux router's),
+        which looks at no future token; a step of capacity 1 keeps every reached token.
+        """
+        s, b, _ = x.shape
+        logit = self.logits(x)
+        gate = self.alpha * torch.sigmoid(logit)
+        aux_logit = self.aux(x.detach()).squeeze(-1) if self.aux is not None else None
+        k = max(1, int(capacity * s))
+        # Top-k ranks logits (sigmoid is monotonic); unreachable tokens can never win.
+        masked = logit.detach().masked_fill(~reached, float("-inf"))
+        top = masked.topk(k, dim=0).indices  # [k, b]
+        topk_sel = torch.zeros_like(reached).scatter_(0, top, True) & reached
+        decide_logit = aux_logit if aux_logit is not None else logit
+        thresh_sel = reached & (torch.sigmoid(decide_logit.detach()) >= 0.5)
+        if capacity >= 1.0:
+            thresh_sel = reached.clone()
+        selected = thresh_sel if threshold else topk_sel
+        # BCE between the raw logit and "was selected", over the tokens that reached this step.
+        target = topk_sel.to(x.dtype)
+        n = reached.sum().clamp(min=1)
+        aux = None
+        if self.aux is None:
+            bce = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
+            aux = (bce * reached).sum() / n
+        else:
+            bce = F.binary_cross_entropy_with_logits(aux_logit, target, reduction="none")
+            aux = (bce * reached).sum() / n
+        agree = ((thresh_sel == topk_sel) & reached).sum().float() / n
+        stats = {"selected": selected.sum().detach().float(), "reached": reached.sum().detach().float(),
+                 "aux_loss": aux.detach(), "sampling_acc": agree.detach()}
+        return selected, gate, aux, stats
+
+
+class TokenChoiceRouter(nn.Module):
+    """One router on H^1: d -> N_r logits, softmax; depth = argmax (+ loss-free bias)."""
+
+    def __init__(self, hidden_size: int, num_recursions: int, alpha: float, init_std: float):
+        super().__init__()
+        self.alpha = alpha
+        self.num_recursions = num_recursions
+        self.weight = nn.Parameter(torch.empty(num_recursions, hidden_size))
+        nn.init.normal_(self.weight, 0.0, init_std)
+        # Loss-free balancing state: not trained, updated after each optimizer step.
+        self.register_buffer("bias", torch.zeros(num_recursions), persistent=True)
+        self.register_buffer("load", torch.zeros(num_recursions), persistent=False)
+
+    def route(self, x: torch.Tensor, use_bias: bool, dp_group=None):
+        """x [s, b, h] -> depth [s, b] in 1..N_r, gate [s, b], probs [s, b, N_r], logits."""
+        logits = x @ self.weight.t()  # [s, b, N_r]
+        probs = torch.softmax(logits.float(), dim=-1).to(x.dtype)
+        score = probs.detach() + (self.bias if use_bias else 0.0)
+        choice = score.argmax(-1)  # [s, b]
+        gate = self.alpha * probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+        counts = F.one_hot(choice, self.num_recursions).sum((0, 1)).to(torch.float32)
+        if self.training:
+            self.load += counts
+        return choice + 1, gate, probs, logits, counts
+
+    @torch.no_grad()
+    def update_bias(self, rate: float, dp_group=None) -> None:
+        """b_i += rate * sign(mean_load - load_i), loads global over data-parallel ranks."""
+        load = self.load.clone()
+        if dp_group is not None and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load, group=dp_group)
+        self.bias += rate * torch.sign(load.mean() - load)
+        self.load.zero_()
+
+
+def balancing_loss(probs: torch.Tensor, counts: torch.Tensor, num_recursions: int, dp_group=None):
+    """L_bal = sum_i P_i * f_i, P_i local mean probability, f_i = N_r * global fraction of tokens."""
+    global_counts = counts.clone()
+    if dp_group is not None and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(global_counts, group=dp_group)
+    f = num_recursions * global_counts / global_counts.sum().clamp(min=1)
+    P = probs.float().mean(dim=(0, 1))
+    return (P * f).sum()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+def rope_freqs(positions: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
+    """RoPE angles in megatron's (non-interleaved, rotate-half) layout.
+
+    positions [s] or [k, b] -> [s, 1, 1, d] or [k, b, 1, d]; per-sequence positions let a
+    gathered subset keep its original positions.
+    """
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    ang = positions.to(torch.float32).unsqueeze(-1) * inv  # [..., d/2]
+    emb = torch.cat([ang, ang], dim=-1)
+    if positions.dim() == 1:
+        return emb[:, None, None, :]
+    return emb[:, :, None, :]

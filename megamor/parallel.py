@@ -1,0 +1,153 @@
+"""Process groups: torch.distributed start-up, megatron's parallel state, and the groups that keep
+copies of shared recursion layers identical across pipeline stages.
+
+Vocabulary: tp / pp / dp = tensor / pipeline / data parallel. Process groups are created here,
+once, and handed to what needs them (`ParallelDims`); nothing else creates groups.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as mps
+
+from megamor.model.layout import Plan
+
+
+@dataclass
+class ParallelDims:
+    world_size: int
+    rank: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+    dp_group: object = None
+    pp_group: object = None
+    # unique layer index -> process group over the pipeline stages holding a copy of it
+    shared_layer_groups: dict = field(default_factory=dict)
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def is_logger(self) -> bool:
+        """The rank that logs: last stage (it has the loss), tp rank 0, dp rank 0."""
+        return self.last_stage and self.tp_rank == 0 and self.dp_rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(device: torch.device) -> None:
+    """Join the job from torchrun / Slurm-derived env vars, or form a world of one."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(minutes=int(os.environ.get("MEGAMOR_DIST_TIMEOUT_MIN", "30")))
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                rank=0, world_size=1, timeout=timeout)
+
+
+def initialize(tp: int, pp: int, device: torch.device) -> ParallelDims:
+    init_process_group(device)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if mps.model_parallel_is_initialized():
+        mps.destroy_model_parallel()
+    mps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    dims = ParallelDims(
+        world_size=world, rank=rank, tp=tp, pp=pp, dp=world // (tp * pp),
+        tp_rank=mps.get_tensor_model_parallel_rank(),
+        pp_rank=mps.get_pipeline_model_parallel_rank(),
+        dp_rank=mps.get_data_parallel_rank(), device=device,
+        dp_group=mps.get_data_parallel_group(), pp_group=mps.get_pipeline_model_parallel_group(),
+    )
+    return dims
+
+
+def create_shared_layer_groups(dims: ParallelDims, plan: Plan, ranges: list[tuple[int, int]],
+                               stage_module=None) -> None:
+    """For every unique layer held by more than one stage, a group over those stages' ranks.
+
+    Every rank calls `new_group` for every group in the same order (a torch.distributed rule),
+    one group per (set of stages, pipeline) pair. Copies on all but the lowest holding stage are
+    marked `shared`, megatron's flag for "already counted elsewhere" in the gradient norm (the
+    same flag the tied output-layer copy carries).
+    """
+    holders: dict[int, tuple[int, ...]] = {}
+    for u in range(plan.num_unique):
+        stages = tuple(p for p, (a, b) in enumerate(ranges) if u in plan.unique_layers_in(a, b))
+        if len(stages) > 1:
+            holders[u] = stages
+    if stage_module is not None:
+        for u, stages in holders.items():
+            if dims.pp_rank in stages and dims.pp_rank != stages[0]:
+                for prm in stage_module.layers[str(u)].parameters():
+                    prm.shared = True
+    if not holders:
+        return
+    my_pp_ranks = dist.get_process_group_ranks(dims.pp_group)
+    all_pp = [None] * dims.world_size
+    dist.all_gather_object(all_pp, my_pp_ranks)
+    pipelines = sorted({tuple(r) for r in all_pp})
+    by_stages: dict[tuple[int, ...], object] = {}
+    for stages in sorted(set(holders.values())):
+        for pipe in pipelines:
+            ranks = [pipe[s] for s in stages]
+            group = dist.new_group(ranks)
+            if tuple(ranks) and dims.rank in ranks:
+                by_stages[stages] = group
+    for u, stages in holders.items():
+        if stages in by_stages:
+            dims.shared_layer_groups[u] = by_stages[stages]
+
+
+def allreduce_shared_layer_grads(model, dims: ParallelDims) -> None:
+    """Sum the gradients of shared-layer copies over the stages that hold them.
+
+    Runs on the local (not yet data-parallel-reduced) `main_grad`s, before megatron's
+    `finalize_model_grads`; both reductions are sums, so their order does not matter, and doing
+    this one first keeps it independent of how the distributed optimizer shards the buffers.
+    """
+    if not dims.shared_layer_groups:
+        return
+    inner = model.module if hasattr(model, "module") else model
+    per_group: dict[int, tuple[object, list]] = {}
+    for u, group in dims.shared_layer_groups.items():
+        layer = inner.layers[str(u)]
+        grads = [getattr(p, "main_grad", p.grad) for p in layer.parameters() if p.requires_grad]
+        per_group.setdefault(id(group), (group, []))[1].extend(g for g in grads if g is not None)
+    for group, grads in per_group.values():
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=group)
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+
+def shutdown() -> None:
+    if mps.model_parallel_is_initialized():
+        mps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,279 @@
+"""The trainer: builds the parts in dependency order and runs megatron's pipeline schedules.
+
+    device + shims -> process groups -> data -> model stage -> DDP -> optimizer -> LR schedule
+    loop: forward/backward over the micro-batches (1F1B when pp > 1) -> grad finalisation
+          (shared-layer copies, data parallel, tied embeddings) -> clip + AdamW step -> router
+          bias update -> log line
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megamor import parallel
+from megamor.config import Config, save_config
+from megamor.data import GlobalBatchSampler, ShardedTokenDataset, get_batch
+from megamor.model import build_stage, padded_vocab_size, plan_for, transformer_config
+from megamor.shims import install_cpu_shims, seed_model_parallel_rng
+
+log = logging.getLogger("megamor")
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu")
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> tuple[torch.dtype, bool]:
+    p = cfg.train.precision
+    if p in ("bf16", "fp8") and device.type != "cuda":
+        raise RuntimeError(f"train.precision={p} needs a CUDA GPU; on CPU use fp32 (or auto)")
+    if p == "fp8":
+        try:
+            import transformer_engine  # noqa: F401
+        except ImportError:
+            raise RuntimeError("train.precision=fp8 needs Transformer Engine (pip install "
+                               "'megamor[gpu]'; see docs/cluster.md)") from None
+        if cfg.model.backend == "local":
+            raise RuntimeError("train.precision=fp8 needs model.backend=te (or auto)")
+    if p == "auto":
+        p = "bf16" if device.type == "cuda" else "fp32"
+    return (torch.bfloat16 if p in ("bf16", "fp8") else torch.float32), p == "fp8"
+
+
+def open_dataset(cfg: Config, rank: int):
+    """The prepared shards to train on (building the embedded corpus on first use)."""
+    from tokenizer import load_tokenizer
+    from megamor.data import builtin_dataset_root, ensure_builtin_dataset
+
+    if cfg.data.path == "builtin":
+        base = Path(os.path.expanduser(cfg.data.builtin_root))
+        root = builtin_dataset_root(base, cfg.model.seq_length, cfg.data.tokenizer_vocab_size)
+        ensure_builtin_dataset(root, cfg.model.seq_length, cfg.data.tokenizer_vocab_size)
+    else:
+        root = Path(cfg.data.path)
+    tok_path = cfg.data.tokenizer or root / "tokenizer"
+    tok = load_tokenizer(tok_path)
+    train = ShardedTokenDataset(root, "train", expect_seq_length=cfg.model.seq_length,
+                                expect_fingerprint=tok.fingerprint)
+    return root, tok, train
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.device = resolve_device(cfg)
+        if self.device.type == "cpu":
+            install_cpu_shims()
+        self.dtype, self.fp8 = resolve_precision(cfg, self.device)
+        p = cfg.parallel
+        self.dims = parallel.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                        self.device)
+        cfg.validate(world_size=self.dims.world_size)
+        torch.manual_seed(cfg.train.seed)
+        seed_model_parallel_rng(cfg.train.seed, self.dims.tp_rank)
+        self.data_root, self.tokenizer, self.dataset = open_dataset(cfg, self.dims.rank)
+        vocab = cfg.model.vocab_size or self.tokenizer.vocab_size
+        self.vocab_size = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
+                                            p.tensor_model_parallel_size)
+        self._build_model()
+        t = cfg.train
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dims.dp)
+        self.sampler = GlobalBatchSampler(len(self.dataset), t.global_batch_size, t.micro_batch_size,
+                                          self.dims.dp, self.dims.dp_rank, cfg.data.seed)
+        self.step = 0
+        self.consumed_samples = 0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ construction
+
+    def _build_model(self) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        cfg, dims = self.cfg, self.dims
+        self.tcfg = transformer_config(cfg, self.dtype, self.fp8)
+        self.plan, self.ranges = plan_for(cfg)
+        model = build_stage(cfg, self.tcfg, self.vocab_size, dims.pp_rank, cfg.train.seed,
+                            dp_group=dims.dp_group)
+        model.to(self.device)
+        self.stage = model
+        parallel.create_shared_layer_groups(dims, self.plan, self.ranges, model)
+        if self.dtype == torch.bfloat16:
+            from megatron.core.transformer.module import Float16Module
+            model = Float16Module(self.tcfg, model)
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+        self.model = DistributedDataParallel(self.tcfg, ddp_cfg, model)
+        t = cfg.train
+        ocfg = OptimizerConfig(
+            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad, bf16=self.dtype == torch.bfloat16,
+            params_dtype=self.dtype, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+        self.optimizer = get_megatron_optimizer(ocfg, [self.model])
+        samples = t.train_steps * t.global_batch_size
+        style = {"wsd": "WSD", "cosine": "cosine", "constant": "constant"}[t.lr_schedule]
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
+            lr_warmup_steps=t.warmup_steps * t.global_batch_size, lr_decay_steps=samples,
+            lr_decay_style=style, start_wd=t.weight_decay, end_wd=t.weight_decay,
+            wd_incr_steps=samples, wd_incr_style="constant",
+            wsd_decay_steps=int(round(t.decay_fraction * samples)) if style == "WSD" else None,
+            lr_wsd_decay_style="linear" if style == "WSD" else None)
+        self.tcfg.no_sync_func = self.model.no_sync
+        self.tcfg.finalize_model_grads_func = self._finalize_grads
+        self.tcfg.grad_scale_func = self.optimizer.scale_loss if self.dtype != torch.float32 else None
+
+    def _finalize_grads(self, model_list, num_tokens=None, *args, **kwargs):
+        from megatron.core.distributed import finalize_model_grads
+        parallel.allreduce_shared_layer_grads(self.model, self.dims)
+        return finalize_model_grads(model_list, num_tokens, *args, **kwargs)
+
+    # ------------------------------------------------------------------ one step
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch["tokens"].to(self.device) if self.dims.first_stage else None
+        labels = batch["labels"].to(self.device) if self.dims.last_stage else None
+        output = model(input_ids=tokens, labels=labels)
+        return output, self._loss
+
+    @staticmethod
+    def _loss(per_token: torch.Tensor):
+        loss = per_token.float().mean()
+        # clone: the schedule divides the returned loss in place by the number of micro-batches
+        return loss, {"lm_loss": loss.detach().clone()}
+
+    def train_step(self) -> dict:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        cfg, dims = self.cfg, self.dims
+        t0 = time.perf_counter()
+        micro = self.sampler.rank_micro_batches(self.step)
+        batches = iter([get_batch(self.dataset, idx) for idx in micro])
+        self.stage.aux_loss_scale = 1.0 / self.num_microbatches
+        self.stage.reset_stats()
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        wire = self.stage.wire_channels
+
+        def adjust_shapes(recv, send):
+            return [(s[0], s[1], wire) for s in recv], [(s[0], s[1], wire) for s in send]
+
+        losses = get_forward_backward_func()(
+            forward_step_func=self._forward_step, data_iterator=batches, model=[self.model],
+            num_microbatches=self.num_microbatches, seq_length=cfg.model.seq_length,
+            micro_batch_size=cfg.train.micro_batch_size, forward_only=False,
+            adjust_tensor_shapes_fn=adjust_shapes if dims.pp > 1 else None)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=cfg.train.global_batch_size)
+        self.stage.update_router_bias()
+        self.step += 1
+        self.consumed_samples += cfg.train.global_batch_size
+        metrics = self._reduce_metrics(losses, grad_norm, time.perf_counter() - t0)
+        self.history.append(metrics)
+        return metrics
+
+    def _reduce_metrics(self, losses, grad_norm, seconds: float) -> dict:
+        """Gather one step's numbers onto every rank: loss from the last stage (mean over data
+        parallel), router statistics from whichever stage computed them (sum over pipeline)."""
+        dims, cfg = self.dims, self.cfg
+        lm = torch.zeros(1)
+        if dims.last_stage and losses:
+            lm[0] = torch.stack([l["lm_loss"].float().cpu() for l in losses]).mean()
+        keys = sorted(self._stat_keys())
+        stats = torch.tensor([float(self.stage.stats[k]) if k in self.stage.stats else 0.0
+                              for k in keys], dtype=torch.float64)
+        counts = torch.tensor([self.stage.token_counts.get(i, 0.0) for i in range(len(self.plan.layers))],
+                              dtype=torch.float64)
+        vec = torch.cat([lm.double(), stats, counts])
+        dist.all_reduce(vec, group=dims.pp_group)
+        dist.all_reduce(vec, group=dims.dp_group)
+        vec[0] /= dims.dp
+        n = len(keys)
+        out = {"step": self.step, "loss": float(vec[0]), "lr": self.scheduler.get_lr(
+            self.optimizer.param_groups[0]) if hasattr(self.scheduler, "get_lr") else float("nan"),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens_per_s": cfg.train.global_batch_size * cfg.model.seq_length / max(seconds, 1e-9),
+            "seconds": seconds}
+        out["lr"] = self.optimizer.param_groups[0]["lr"]
+        for k, v in zip(keys, vec[1:1 + n].tolist()):
+            # Counts are global sums; losses and accuracies are means per micro-batch.
+            mean = k.endswith(("aux_loss", "sampling_acc", "balance_loss", "z_loss"))
+            out[k] = v / (dims.dp * self.num_microbatches) if mean else v
+        layer_tokens = vec[1 + n:].tolist()
+        out["layer_tokens"] = layer_tokens
+        total = float(cfg.train.global_batch_size * cfg.model.seq_length)
+        for l in self.plan.layers:
+            if l.first_in_step:
+                out[f"frac/step{l.step}"] = layer_tokens[l.index] / total
+        return out
+
+    def _stat_keys(self) -> list[str]:
+        """Stat names every rank agrees on (each rank's stage only computes some of them)."""
+        keys = []
+        m, r = self.cfg.model, self.cfg.routing
+        if m.arch != "mor":
+            return keys
+        if r.type == "expert_choice":
+            for s in range(1, m.num_recursions + 1):
+                keys += [f"router/step{s}/{k}" for k in ("selected", "reached", "aux_loss", "sampling_acc")]
+        else:
+            keys += [f"router/depth{i}/tokens" for i in range(1, m.num_recursions + 1)]
+            if r.balancing == "loss":
+                keys.append("router/balance_loss")
+            if r.z_loss_weight:
+                keys.append("router/z_loss")
+        return keys
+
+    # ------------------------------------------------------------------ loop
+
+    def format_line(self, m: dict) -> str:
+        parts = [f"step {m['step']:>5}", f"loss {m['loss']:.4f}"]
+        aux = [v for k, v in m.items() if k.endswith("aux_loss")]
+        if aux:
+            parts.append(f"aux {sum(aux):.4f}")
+        if "router/balance_loss" in m:
+            parts.append(f"bal {m['router/balance_loss']:.4f}")
+        parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}", f"tok/s {m['tokens_per_s']:.0f}"]
+        fr = [f"{m[k]:.2f}" for k in sorted(m) if k.startswith("frac/step")]
+        if fr:
+            parts.append("steps " + "/".join(fr))
+        return " | ".join(parts)
+
+    def train(self) -> list[dict]:
+        cfg = self.cfg
+        out = Path(cfg.run.output_dir)
+        if self.dims.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+        while self.step < cfg.train.train_steps:
+            m = self.train_step()
+            if not math.isfinite(m["loss"]):
+                raise FloatingPointError(f"loss became {m['loss']} at step {m['step']}")
+            if self.dims.rank == 0 and (m["step"] % cfg.train.log_interval == 0 or m["step"] == 1):
+                print(self.format_line(m), flush=True)
+        if self.dims.rank == 0:
+            with open(out / "metrics.jsonl", "w") as f:
+                for m in self.history:
+                    f.write(json.dumps(m) + "\n")
+        return self.history
