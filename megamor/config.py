@@ -100,11 +100,11 @@ class TrainConfig:
     seed: int = 1234
     micro_batch_size: int = 4
     global_batch_size: int = 16
-    train_steps: int = 100
+    train_steps: int = 300
     lr: float = 3e-3
     min_lr: float = 0.0
     lr_schedule: str = "wsd"  # wsd | cosine | constant
-    warmup_steps: int = 10
+    warmup_steps: int = 20
     decay_fraction: float = 0.2  # wsd: last fraction of steps decays linearly to min_lr
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
@@ -113,7 +113,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     precision: str = "auto"  # auto | fp32 | bf16 | fp8   (auto: bf16 on GPU, fp32 on CPU)
     device: str = "auto"  # auto | cpu | cuda
-    log_interval: int = 1
+    log_interval: int = 10
     eval_interval: int = 0
     eval_batches: int = 2
 

@@ -11,11 +11,13 @@ the CPU:
    calls to CPU and turns `Tensor.cuda()` into a no-op; `Tensor.type()` reports CPU float tensors
    as `torch.cuda.FloatTensor` so the optimizer's dtype checks accept fp32 CPU params. One mode
    instead of patching ~15 call sites.
-2. `torch.cuda.current_device()` returns "cpu" (it feeds `device=` arguments) and
-   `torch.cuda.synchronize()` is a no-op (nothing to wait for).
+2. `torch.cuda.current_device()` returns "cpu" (it feeds `device=` arguments),
+   `torch.cuda.synchronize()` is a no-op (nothing to wait for) and `torch.cuda.current_stream()`
+   returns the CPU stream, whose waits are no-ops (0.19's grad sync asks for it).
 3. The RNG tracker (forked around attention even with dropout 0) keeps CPU generator states.
 
-Nothing here runs when CUDA is available. `tests/test_shims.py` shows each one is needed.
+Nothing here runs when CUDA is available. `tests/test_shims.py` shows that the megatron calls
+behind 1-3 fail without these shims and work with them.
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ def install_cpu_shims() -> bool:
         return False
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
+    # 0.19's DDP grad sync asks for the current stream unconditionally (CUDA-graph wait events).
+    torch.cuda.current_stream = lambda *a, **k: torch.cpu.current_stream()
     _install_rng_tracker()
     _CudaToCpu().__enter__()  # process-wide, for the lifetime of this CPU-only process
     _INSTALLED = True

@@ -1,0 +1,35 @@
+"""megamor: pretraining Mixture-of-Recursions language models on megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megamor",
+    version="0.1.0",
+    description="Distributed pretraining of Mixture-of-Recursions LMs on megatron-core",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megamor", "megamor.*", "launch", "launch.*",
+                                    "tokenizer", "tokenizer.*"]),
+    install_requires=[
+        # CPU installs pin torch through constraints-cpu.txt (a bare `torch` pulls CUDA wheels).
+        "torch>=2.4",
+        # 0.16.1 is the newest release for Python 3.11; clusters run 0.19.x on Python 3.12.
+        "megatron-core>=0.16.1",
+        # megatron's dist_checkpointing needs psutil but does not declare it (saves hang).
+        "psutil",
+        "numpy",
+        "pyyaml",
+        "tokenizers>=0.15",
+        "webdataset>=0.2.90",
+    ],
+    extras_require={
+        # GPU path: Transformer Engine (FP8, fused kernels) and flash attention. NVIDIA apex is
+        # built from source on the cluster (docs/cluster.md); PyPI's `apex` is unrelated.
+        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        "hf": ["transformers", "safetensors"],
+        "deepspeed": ["deepspeed"],
+        "dev": ["pytest"],
+    },
+    entry_points={"console_scripts": ["megamor=megamor.cli:main"]},
+)

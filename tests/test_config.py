@@ -1,0 +1,75 @@
+"""Bad configs fail at start-up with one error that names the option and the fix."""
+
+import subprocess
+import sys
+
+import pytest
+
+from megamor.config import ConfigError, load_config
+
+
+def err(*overrides, world=None, path=None) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(path, list(overrides)).validate(world)
+    return str(e.value)
+
+
+def test_defaults_are_valid_and_presets_load():
+    load_config().validate(2)
+    for preset in ("tiny", "135m", "360m", "730m", "1p7b"):
+        load_config(None, [f"model.preset={preset}"]).validate()
+
+
+def test_heads_not_divisible_by_tp():
+    msg = err("model.preset=135m", "parallel.tensor_model_parallel_size=2")
+    assert "num_attention_heads=9" in msg and "tensor_model_parallel_size=2" in msg
+
+
+def test_layers_not_fitting_recursions_and_strategy():
+    msg = err("model.num_layers=30", "model.preset=135m", "model.num_layers=30")
+    assert "num_layers=30" in msg and "use model.num_layers=32" in msg
+    assert "use model.num_layers=9" in err("model.sharing=cycle", "model.num_layers=8")
+
+
+def test_increasing_capacity_schedule():
+    msg = err("routing.capacity=[0.5,1.0,0.3]")
+    assert "routing.capacity" in msg and "increases" in msg
+    assert "one per recursion step" in err("routing.capacity=[1.0,0.5]")
+
+
+def test_pipeline_larger_than_unrolled_depth():
+    msg = err("parallel.pipeline_model_parallel_size=9")
+    assert "pipeline_model_parallel_size=9" in msg and "num_layers=8" in msg
+
+
+def test_world_size_and_batch_arithmetic():
+    assert "not divisible by tensor x pipeline" in err("parallel.tensor_model_parallel_size=2", world=3)
+    assert "global_batch_size=10" in err("train.global_batch_size=10", "train.micro_batch_size=4")
+
+
+def test_unknown_and_mistyped_options(tmp_path):
+    assert "unknown option 'hiden_size'" in err("model.hiden_size=3")
+    assert "expected an integer" in err("model.hidden_size=abc")
+    assert "section.option=value" in err("hidden_size=3")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  arch: transformer\n")
+    assert "model.arch='transformer'" in err(path=bad)
+    bad.write_text("modle: {}\n")
+    assert str(bad) in err(path=bad) and "unknown section 'modle'" in err(path=bad)
+    assert "does not exist" in err(path=tmp_path / "missing.yaml")
+
+
+def test_kv_sharing_rules():
+    assert "pipeline_model_parallel_size > 1" in err("model.kv_sharing=true",
+                                                      "parallel.pipeline_model_parallel_size=2")
+    assert "capacity[0] == 1" in err("model.kv_sharing=true", "routing.capacity=[0.9,0.5,0.2]")
+
+
+def test_cli_reports_config_errors_before_starting_ranks():
+    proc = subprocess.run([sys.executable, "-m", "megamor.cli", "pretrain", "--nproc", "3",
+                           "parallel.tensor_model_parallel_size=2"], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "world size 3 is not divisible" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "megamor.cli", "config", "show",
+                           "model.preset=360m"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "hidden_size: 960" in proc.stdout
