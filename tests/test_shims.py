@@ -13,6 +13,8 @@ CASES = {
     # the model-parallel RNG tracker forked around attention
     "rng": ("from megatron.core.tensor_parallel import random as r; r.initialize_rng_tracker(force_reset=True);"
             "t=r.get_cuda_rng_tracker(); t.add('model-parallel-rng', 3)\nwith t.fork(): pass"),
+    # megatron 0.19's grad sync asks for the current CUDA stream (to wait on CUDA-graph events)
+    "stream": "import torch; torch.cuda.current_stream()",
     # .cuda() moves of state tensors
     "to_cuda": "import torch; torch.ones(1).cuda()",
 }
