@@ -73,3 +73,19 @@ def test_cli_reports_config_errors_before_starting_ranks():
     proc = subprocess.run([sys.executable, "-m", "megamor.cli", "config", "show",
                            "model.preset=360m"], capture_output=True, text=True)
     assert proc.returncode == 0 and "hidden_size: 960" in proc.stdout
+
+
+def test_gpu_only_paths_fail_clearly_without_a_gpu():
+    import torch
+    from megamor.model.specs import layer_spec
+    from megamor.trainer import resolve_device, resolve_precision
+
+    cpu = torch.device("cpu")
+    for prec in ("bf16", "fp8"):
+        with pytest.raises(RuntimeError, match=f"precision={prec} needs a CUDA GPU"):
+            resolve_precision(load_config(None, [f"train.precision={prec}"]), cpu)
+    assert resolve_precision(load_config(), cpu) == (torch.float32, False)
+    with pytest.raises(RuntimeError, match="train.device=cuda but no CUDA GPU"):
+        resolve_device(load_config(None, ["train.device=cuda"]))
+    with pytest.raises(RuntimeError, match="backend=te needs"):
+        layer_spec("te", kv_sharing=False, routed=True)
