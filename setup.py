@@ -24,8 +24,8 @@ setup(
         "webdataset>=0.2.90",
     ],
     extras_require={
-        # GPU path: Transformer Engine (FP8, fused kernels) and flash attention. NVIDIA apex is
-        # built from source on the cluster (docs/cluster.md); PyPI's `apex` is unrelated.
+        # GPU path: Transformer Engine (FP8, fused kernels) and flash attention; NVIDIA's fused
+        # kernels package is built from source on the cluster, never from PyPI (see README).
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         "hf": ["transformers", "safetensors"],
         "deepspeed": ["deepspeed"],

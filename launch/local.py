@@ -25,6 +25,5 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(cpu_threads_per_rank(nproc)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", 
-           "-m", "megamor.cli", *argv]
+           f"--nproc-per-node={nproc}", "-m", "megamor.cli", *argv]
     return subprocess.call(cmd, env=env)

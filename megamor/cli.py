@@ -34,16 +34,14 @@ def cmd_pretrain(args) -> int:
     from megamor.config import ConfigError
 
     cfg = _load(args)
-    world = int(os.environ.get("WORLD_SIZE", args.nproc if not under_launcher() else 1))
+    world = int(os.environ["WORLD_SIZE"]) if under_launcher() else args.nproc
     try:
         cfg.validate(world_size=world)  # fail before any rank starts
     except ConfigError as e:
         sys.exit(f"megamor: config error: {e}")
     if args.nproc > 1 and not under_launcher():
-        passthrough = [a for a in sys.argv[1:]]
-        i = passthrough.index("--nproc")
-        del passthrough[i:i + 2]
-        return relaunch(args.nproc, passthrough)
+        rank_args = ["pretrain"] + (["--config", args.config] if args.config else []) + args.overrides
+        return relaunch(args.nproc, rank_args)
     _quiet()
     from megamor import parallel
     from megamor.trainer import Trainer

@@ -114,8 +114,6 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp8   (auto: bf16 on GPU, fp32 on CPU)
     device: str = "auto"  # auto | cpu | cuda
     log_interval: int = 10
-    eval_interval: int = 0
-    eval_batches: int = 2
 
 
 @dataclass
@@ -129,7 +127,6 @@ class DataConfig:
 
 @dataclass
 class RunConfig:
-    name: str = "megamor"
     output_dir: str = "runs/default"
 
 

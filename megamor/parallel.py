@@ -44,11 +44,6 @@ class ParallelDims:
     def last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
-    @property
-    def is_logger(self) -> bool:
-        """The rank that logs: last stage (it has the loss), tp rank 0, dp rank 0."""
-        return self.last_stage and self.tp_rank == 0 and self.dp_rank == 0
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -117,7 +112,7 @@ def create_shared_layer_groups(dims: ParallelDims, plan: Plan, ranges: list[tupl
         for pipe in pipelines:
             ranks = [pipe[s] for s in stages]
             group = dist.new_group(ranks)
-            if tuple(ranks) and dims.rank in ranks:
+            if dims.rank in ranks:
                 by_stages[stages] = group
     for u, stages in holders.items():
         if stages in by_stages:

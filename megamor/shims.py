@@ -48,13 +48,7 @@ class _CudaToCpu(TorchFunctionMode):
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             return "torch.cuda.FloatTensor" if name == "torch.FloatTensor" else name
-        if func is torch.Tensor.to and args and len(args) > 1 and _is_cuda_like(args[1]):
-            args = (args[0], "cpu") + tuple(args[2:])
         return func(*args, **kwargs)
-
-
-def _is_cuda_like(x) -> bool:
-    return isinstance(x, (str, torch.device, int)) and not isinstance(x, bool) and _is_cuda(x)
 
 
 def _install_rng_tracker() -> None:

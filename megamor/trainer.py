@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import time
@@ -24,10 +23,8 @@ from megamor import parallel
 from megamor.config import Config, save_config
 from megamor.data import GlobalBatchSampler, ShardedTokenDataset, get_batch
 from megamor.model import build_stage, padded_vocab_size, plan_for, transformer_config
+from megamor.model.mor_model import MEAN_STATS
 from megamor.shims import install_cpu_shims, seed_model_parallel_rng
-
-log = logging.getLogger("megamor")
-
 
 def resolve_device(cfg: Config) -> torch.device:
     want = cfg.train.device
@@ -55,7 +52,7 @@ def resolve_precision(cfg: Config, device: torch.device) -> tuple[torch.dtype, b
     return (torch.bfloat16 if p in ("bf16", "fp8") else torch.float32), p == "fp8"
 
 
-def open_dataset(cfg: Config, rank: int):
+def open_dataset(cfg: Config):
     """The prepared shards to train on (building the embedded corpus on first use)."""
     from tokenizer import load_tokenizer
     from megamor.data import builtin_dataset_root, ensure_builtin_dataset
@@ -86,7 +83,7 @@ class Trainer:
         cfg.validate(world_size=self.dims.world_size)
         torch.manual_seed(cfg.train.seed)
         seed_model_parallel_rng(cfg.train.seed, self.dims.tp_rank)
-        self.data_root, self.tokenizer, self.dataset = open_dataset(cfg, self.dims.rank)
+        self.data_root, self.tokenizer, self.dataset = open_dataset(cfg)
         vocab = cfg.model.vocab_size or self.tokenizer.vocab_size
         self.vocab_size = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
                                             p.tensor_model_parallel_size)
@@ -200,9 +197,10 @@ class Trainer:
         lm = torch.zeros(1)
         if dims.last_stage and losses:
             lm[0] = torch.stack([l["lm_loss"].float().cpu() for l in losses]).mean()
-        keys = sorted(self._stat_keys())
-        stats = torch.tensor([float(self.stage.stats[k]) if k in self.stage.stats else 0.0
-                              for k in keys], dtype=torch.float64)
+        keys = self.stage.stat_keys()
+        zero = torch.zeros((), device=self.device)
+        stats = torch.stack([self.stage.stats.get(k, zero) for k in keys]).double().cpu() \
+            if keys else torch.zeros(0, dtype=torch.float64)
         counts = torch.tensor([self.stage.token_counts.get(i, 0.0) for i in range(len(self.plan.layers))],
                               dtype=torch.float64)
         vec = torch.cat([lm.double(), stats, counts])
@@ -210,16 +208,13 @@ class Trainer:
         dist.all_reduce(vec, group=dims.dp_group)
         vec[0] /= dims.dp
         n = len(keys)
-        out = {"step": self.step, "loss": float(vec[0]), "lr": self.scheduler.get_lr(
-            self.optimizer.param_groups[0]) if hasattr(self.scheduler, "get_lr") else float("nan"),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "tokens_per_s": cfg.train.global_batch_size * cfg.model.seq_length / max(seconds, 1e-9),
-            "seconds": seconds}
-        out["lr"] = self.optimizer.param_groups[0]["lr"]
+        out = {"step": self.step, "loss": float(vec[0]), "lr": self.optimizer.param_groups[0]["lr"],
+               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+               "tokens_per_s": cfg.train.global_batch_size * cfg.model.seq_length / max(seconds, 1e-9),
+               "seconds": seconds}
         for k, v in zip(keys, vec[1:1 + n].tolist()):
             # Counts are global sums; losses and accuracies are means per micro-batch.
-            mean = k.endswith(("aux_loss", "sampling_acc", "balance_loss", "z_loss"))
-            out[k] = v / (dims.dp * self.num_microbatches) if mean else v
+            out[k] = v / (dims.dp * self.num_microbatches) if k.endswith(MEAN_STATS) else v
         layer_tokens = vec[1 + n:].tolist()
         out["layer_tokens"] = layer_tokens
         total = float(cfg.train.global_batch_size * cfg.model.seq_length)
@@ -227,23 +222,6 @@ class Trainer:
             if l.first_in_step:
                 out[f"frac/step{l.step}"] = layer_tokens[l.index] / total
         return out
-
-    def _stat_keys(self) -> list[str]:
-        """Stat names every rank agrees on (each rank's stage only computes some of them)."""
-        keys = []
-        m, r = self.cfg.model, self.cfg.routing
-        if m.arch != "mor":
-            return keys
-        if r.type == "expert_choice":
-            for s in range(1, m.num_recursions + 1):
-                keys += [f"router/step{s}/{k}" for k in ("selected", "reached", "aux_loss", "sampling_acc")]
-        else:
-            keys += [f"router/depth{i}/tokens" for i in range(1, m.num_recursions + 1)]
-            if r.balancing == "loss":
-                keys.append("router/balance_loss")
-            if r.z_loss_weight:
-                keys.append("router/z_loss")
-        return keys
 
     # ------------------------------------------------------------------ loop
 

@@ -15,6 +15,10 @@ CASES = {
             "t=r.get_cuda_rng_tracker(); t.add('model-parallel-rng', 3)\nwith t.fork(): pass"),
     # megatron 0.19's grad sync asks for the current CUDA stream (to wait on CUDA-graph events)
     "stream": "import torch; torch.cuda.current_stream()",
+    # optimizer / clipping type checks that demand torch.cuda.FloatTensor
+    "type_check": ("import torch; from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32\n"
+                   "p = torch.nn.Parameter(torch.ones(2)); p.grad = torch.ones(2)\n"
+                   "clip_grad_by_total_norm_fp32([p], 1.0, 10.0); assert p.grad[0] < 1"),
     # .cuda() moves of state tensors
     "to_cuda": "import torch; torch.ones(1).cuda()",
 }

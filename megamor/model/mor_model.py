@@ -49,6 +49,9 @@ _TAG_FINAL_NORM = 1
 _TAG_ROUTER = 100
 _TAG_LAYER = 1000
 
+# Router statistics that are means per micro-batch (the others are token counts, summed).
+MEAN_STATS = ("aux_loss", "sampling_acc", "balance_loss", "z_loss")
+
 
 @contextlib.contextmanager
 def seeded(seed: int, tag: int):
@@ -67,6 +70,7 @@ class StageState:
         self.x, self.base, self.active, self.gate = x, base, active, gate
         self.tokens: Optional[ActiveSet] = None  # gathered set of the current step
         self.xg: Optional[Tensor] = None  # running activations of the gathered tokens
+        self.mask = self.mask_to_full = self.rope = None  # the current step's, shared by its layers
 
     def pack(self) -> Tensor:
         x = self.x if self.xg is None else self.tokens.scatter(self.x, self.xg)
@@ -96,7 +100,6 @@ class MoRModel(LanguageModule):
         self.capacities = routing_cfg.capacities(model_cfg.num_recursions)
         self.input_tensor = None
         self.aux_loss_scale = 1.0  # 1 / num_microbatches, set by the trainer
-        self.routing_threshold: Optional[bool] = None  # None: threshold iff not training
         h = config.hidden_size
         self.wire_channels = 2 * h + 2 if self.routed else h
 
@@ -167,12 +170,26 @@ class MoRModel(LanguageModule):
         self.token_counts: dict[int, float] = {}  # unrolled layer index -> tokens processed
         self.stats: dict[str, Tensor] = {}
 
+    def stat_keys(self) -> list[str]:
+        """Names of every router statistic of the whole model (any stage may hold any of them),
+        so that all ranks reduce the same vector."""
+        m, r = self.mcfg, self.rcfg
+        if not self.routed:
+            return []
+        steps = range(1, m.num_recursions + 1)
+        if r.type == "expert_choice":
+            return [f"router/step{s}/{k}" for s in steps
+                    for k in ("selected", "reached", "aux_loss", "sampling_acc")]
+        keys = [f"router/depth{i}/tokens" for i in steps]
+        if r.balancing == "loss":
+            keys.append("router/balance_loss")
+        if r.z_loss_weight:
+            keys.append("router/z_loss")
+        return keys
+
     def _stat(self, key: str, value: Tensor) -> None:
         v = value.detach().float()
         self.stats[key] = self.stats[key] + v if key in self.stats else v
-
-    def _threshold(self) -> bool:
-        return (not self.training) if self.routing_threshold is None else self.routing_threshold
 
     def _attach(self, x: Tensor, loss: Tensor, weight: float) -> Tensor:
         if weight == 0 or not (self.training and torch.is_grad_enabled()):
@@ -214,14 +231,13 @@ class MoRModel(LanguageModule):
             if l.first_in_step:
                 self._begin_step(state, l.step)
             elif state.tokens is None:  # this stage starts inside a step: re-gather
-                state.tokens = self._active_set(state, l.step)
-                state.xg = state.tokens.gather(state.x)
+                self._gather(state, l.step)
             tok = state.tokens
             kv = self._kv_context(layer, l, kv_store)
             if kv is not None and kv.mode == "read":
-                mask, rope = tok.attention_mask_to_full(), (self._gathered_rope(tok), full_rope)
+                mask, rope = state.mask_to_full, (state.rope, full_rope)
             else:
-                mask, rope = tok.attention_mask(), self._gathered_rope(tok)
+                mask, rope = state.mask, state.rope
             state.xg = layer(hidden_states=state.xg, attention_mask=mask, rotary_pos_emb=rope)[0]
             self.token_counts[l.index] = self.token_counts.get(l.index, 0.0) + tok.num_tokens
             if l.last_in_step:
@@ -238,8 +254,13 @@ class MoRModel(LanguageModule):
             return logits
         return self.compute_language_model_loss(labels, logits)  # [b, s]
 
-    def _gathered_rope(self, tok: ActiveSet) -> Tensor:
-        return rope_freqs(tok.idx, self.mcfg.head_dim, self.mcfg.rotary_base)
+    def _gather(self, state: StageState, step: int) -> None:
+        """Gather step `step`'s active tokens, with the masks and RoPE angles its layers share."""
+        tok = self._active_set(state, step)
+        state.tokens, state.xg = tok, tok.gather(state.x)
+        state.mask = tok.attention_mask()
+        state.mask_to_full = tok.attention_mask_to_full() if self.kv_sharing else None
+        state.rope = rope_freqs(tok.idx, self.mcfg.head_dim, self.mcfg.rotary_base)
 
     def _kv_context(self, layer, l, store) -> Optional[KVShareContext]:
         if not self.kv_sharing or l.step == 0:
@@ -258,7 +279,7 @@ class MoRModel(LanguageModule):
         if self.rcfg.type == "expert_choice":
             router = self.routers[str(step)]
             reached = state.active > 0.5
-            selected, gate, aux, st = router.route(x, reached, self.capacities[step - 1], self._threshold())
+            selected, gate, aux, st = router.route(x, reached, self.capacities[step - 1], not self.training)
             for k, v in st.items():
                 self._stat(f"router/step{step}/{k}", v)
             x = self._attach(x, aux, self.rcfg.aux_loss_weight)
@@ -283,8 +304,7 @@ class MoRModel(LanguageModule):
             state.x = state.base = x
             state.active = depth.to(x.dtype)
             state.gate = gate
-        state.tokens = self._active_set(state, step)
-        state.xg = state.tokens.gather(state.x)
+        self._gather(state, step)
 
     def _end_step(self, state: StageState, step: int) -> None:
         tok, y = state.tokens, state.xg

@@ -5,7 +5,6 @@ Tensors follow megatron's layout: hidden states are [s, b, h] (sequence first).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -16,36 +15,38 @@ from torch import nn
 # ----------------------------------------------------------------------------- active tokens
 
 
-@dataclass
 class ActiveSet:
     """The tokens a recursion step processes, gathered per sequence in causal order.
 
     idx:   [k, b] original positions (padding rows point at 0)
     valid: [k, b] True for real tokens (all True for expert-choice: exactly k per sequence)
+    Everything a step needs more than once (token count, scatter index, masks) is computed once
+    here, not per layer.
     """
 
-    idx: torch.Tensor
-    valid: torch.Tensor
-    seq_len: int
-
-    @classmethod
-    def from_mask(cls, mask: torch.Tensor) -> "ActiveSet":
+    def __init__(self, mask: torch.Tensor):
         """mask [s, b] bool -> positions of the True entries, in order, padded to the max count."""
         s, b = mask.shape
         counts = mask.sum(0)
-        k = int(counts.max().item()) if b else 0  # host sync: the gathered length is data dependent
-        k = max(k, 1)
+        # One host sync per step: the gathered length (and the token count) are data dependent.
+        k_max, total = torch.stack([counts.max(), counts.sum()]).tolist()
+        k = max(int(k_max), 1)
         pos = torch.arange(s, device=mask.device).unsqueeze(1).expand(s, b)
         # Sort key: active tokens first, in position order; inactive after them.
         key = torch.where(mask, pos, pos + s)
         order = key.argsort(dim=0)[:k]  # [k, b]
-        valid = torch.arange(k, device=mask.device).unsqueeze(1) < counts.unsqueeze(0)
-        idx = torch.where(valid, order, torch.zeros_like(order))
-        return cls(idx, valid, s)
+        self.valid = torch.arange(k, device=mask.device).unsqueeze(1) < counts.unsqueeze(0)
+        self.idx = torch.where(self.valid, order, torch.zeros_like(order))
+        self.seq_len = s
+        self.num_tokens = int(total)
+        self.dense = self.num_tokens == k * b  # no padding rows (expert-choice training)
+        bidx = torch.arange(b, device=mask.device).unsqueeze(0).expand_as(self.idx)
+        flat = self.idx * b + bidx
+        self._flat = flat.flatten() if self.dense else flat[self.valid]
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.valid.sum().item())
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "ActiveSet":
+        return cls(mask)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """x [s, b, h] -> [k, b, h]."""
@@ -54,9 +55,8 @@ class ActiveSet:
     def scatter(self, base: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Out-of-place: base [s, b, h] with the valid rows replaced by y [k, b, h]."""
         s, b, h = base.shape
-        bidx = torch.arange(b, device=base.device).unsqueeze(0).expand_as(self.idx)
-        flat = (self.idx * b + bidx)[self.valid]
-        return base.reshape(s * b, h).index_copy(0, flat, y[self.valid]).reshape(s, b, h)
+        rows = y.reshape(-1, h) if self.dense else y[self.valid]
+        return base.reshape(s * b, h).index_copy(0, self._flat, rows).reshape(s, b, h)
 
     def attention_mask(self) -> torch.Tensor:
         """[b, 1, k, k] bool, True = masked: causal among the gathered tokens, padding masked."""
