@@ -22,6 +22,11 @@ setup(
         "pyyaml",
         "tokenizers>=0.15",
         "webdataset>=0.2.90",
+        "tqdm",  # `megamor data prepare` progress bar
+        # MLflow tracking (megamor/tracking.py; its default store is SQLite, which needs the full
+        # package, not mlflow-skinny) and depth-map PNGs (megamor/depth_map.py).
+        "mlflow>=3.0",
+        "matplotlib>=3.7",
     ],
     extras_require={
         # GPU path: Transformer Engine (FP8, fused kernels) and flash attention; NVIDIA's fused
@@ -29,7 +34,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         "hf": ["transformers", "safetensors"],
         "deepspeed": ["deepspeed"],
-        "dev": ["pytest"],
+        # `megamor data prepare` inputs: .parquet, .zst, `datasets` saved with save_to_disk.
+        "data": ["pyarrow>=14", "zstandard>=0.20", "datasets>=2.14"],
+        "dev": ["pytest", "pyarrow>=14", "zstandard>=0.20", "datasets>=2.14"],
     },
     entry_points={"console_scripts": ["megamor=megamor.cli:main"]},
 )

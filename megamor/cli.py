@@ -1,6 +1,6 @@
 """`megamor`: one command, a subcommand per user action.
 
-    megamor pretrain [--config FILE] [--nproc N] [section.option=value ...]
+    megamor pretrain [--config FILE] [--nproc N] [--resume auto|DIR] [section.option=value ...]
     megamor config show|validate [--config FILE] [--world-size N] [overrides ...]
 """
 
@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 import warnings
 
 
@@ -33,6 +34,8 @@ def cmd_pretrain(args) -> int:
     from launch.local import relaunch, under_launcher
     from megamor.config import ConfigError
 
+    if args.resume:
+        args.overrides.append(f"checkpoint.resume={args.resume}")
     cfg = _load(args)
     world = int(os.environ["WORLD_SIZE"]) if under_launcher() else args.nproc
     try:
@@ -41,12 +44,18 @@ def cmd_pretrain(args) -> int:
         sys.exit(f"megamor: config error: {e}")
     if args.nproc > 1 and not under_launcher():
         rank_args = ["pretrain"] + (["--config", args.config] if args.config else []) + args.overrides
-        return relaunch(args.nproc, rank_args)
+        from megamor.trainer import PREEMPTED_MARKER
+        return relaunch(args.nproc, rank_args, Path(cfg.run.output_dir) / PREEMPTED_MARKER)
     _quiet()
     from megamor import parallel
-    from megamor.trainer import Trainer
+    from megamor.checkpoint import CheckpointError
+    from megamor.trainer import Preempted, Trainer
     try:
         Trainer(cfg).train()
+    except Preempted as e:
+        return e.code
+    except CheckpointError as e:
+        sys.exit(f"megamor: checkpoint error: {e}")
     finally:
         parallel.shutdown()
     return 0
@@ -75,6 +84,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("pretrain", help="pretrain a model (vanilla, recursive or MoR)")
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--nproc", type=int, default=1, help="local ranks to start (gloo on CPU)")
+    p.add_argument("--resume", help="'auto' (newest complete checkpoint, or start fresh) or a "
+                                    "checkpoint directory")
     p.add_argument("overrides", nargs="*", help="section.option=value")
     p.set_defaults(fn=cmd_pretrain)
 
@@ -85,7 +96,18 @@ def main(argv=None) -> int:
     c.add_argument("overrides", nargs="*")
     c.set_defaults(fn=cmd_config)
 
-    args = ap.parse_args(argv)
+    from megamor.data.commands import add_parsers  # `tokenizer ...` and `data ...`
+    add_parsers(sub)
+
+    # Overrides may come before or after options (`pretrain x.y=1 --resume auto z.w=2`).
+    args, extra = ap.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        ap.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            ap.error(f"{args.command} takes no overrides: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     return args.fn(args)
 
 

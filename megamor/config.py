@@ -126,6 +126,19 @@ class DataConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Sharded checkpoints (megatron dist_checkpointing, torch_dist format)."""
+
+    dir: Optional[str] = None  # default: <run.output_dir>/checkpoints
+    save_interval: int = 0  # steps between saves; 0: only at the end and on a signal
+    keep_last: int = 2  # newest checkpoints kept
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
+    async_save: bool = False  # write in the background while training continues
+    resume: Optional[str] = None  # None | auto | a checkpoint directory
+    save_on_signal: bool = True  # SIGTERM / SIGUSR1: finish the step, save, exit 75
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/default"
 
@@ -137,6 +150,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
@@ -424,5 +438,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"train.decay_fraction={t.decay_fraction} must be in [0, 1]")
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise ConfigError(f"train.lr={t.lr} / train.min_lr={t.min_lr}: need 0 <= min_lr <= lr")
+    c = cfg.checkpoint
+    for name in ("save_interval", "keep_last", "keep_every"):
+        if getattr(c, name) < 0:
+            raise ConfigError(f"checkpoint.{name}={getattr(c, name)} must be >= 0")
+    if c.keep_last < 1:
+        raise ConfigError("checkpoint.keep_last must be >= 1 (the newest checkpoint is always kept)")
     if not math.isfinite(t.clip_grad) or t.clip_grad < 0:
         raise ConfigError(f"train.clip_grad={t.clip_grad} must be >= 0 (0 disables clipping)")

@@ -33,6 +33,7 @@ class ParallelDims:
     device: torch.device
     dp_group: object = None
     pp_group: object = None
+    embedding_group: object = None  # first + last stage (pp > 1), holding the tied embedding
     # unique layer index -> process group over the pipeline stages holding a copy of it
     shared_layer_groups: dict = field(default_factory=dict)
 
@@ -79,6 +80,8 @@ def initialize(tp: int, pp: int, device: torch.device) -> ParallelDims:
         dp_rank=mps.get_data_parallel_rank(), device=device,
         dp_group=mps.get_data_parallel_group(), pp_group=mps.get_pipeline_model_parallel_group(),
     )
+    if pp > 1 and mps.is_rank_in_embedding_group(ignore_virtual=True):
+        dims.embedding_group = mps.get_embedding_group()
     return dims
 
 
@@ -97,8 +100,8 @@ def create_shared_layer_groups(dims: ParallelDims, plan: Plan, ranges: list[tupl
         if len(stages) > 1:
             holders[u] = stages
     if stage_module is not None:
-        for u, stages in holders.items():
-            if dims.pp_rank in stages and dims.pp_rank != stages[0]:
+        for u, copy in stage_module.layers.copy_index.items():
+            if copy:
                 for prm in stage_module.layers[str(u)].parameters():
                     prm.shared = True
     if not holders:
@@ -119,17 +122,19 @@ def create_shared_layer_groups(dims: ParallelDims, plan: Plan, ranges: list[tupl
             dims.shared_layer_groups[u] = by_stages[stages]
 
 
-def allreduce_shared_layer_grads(model, dims: ParallelDims) -> None:
-    """Sum the gradients of shared-layer copies over the stages that hold them.
+def allreduce_shared_grads(model, dims: ParallelDims) -> None:
+    """Sum the gradients of weights copied on several stages over the stages that hold them:
+    shared recursion layers, and the embedding tied to the output layer.
 
     Runs on the local (not yet data-parallel-reduced) `main_grad`s, before megatron's
     `finalize_model_grads`; both reductions are sums, so their order does not matter, and doing
     this one first keeps it independent of how the distributed optimizer shards the buffers.
     """
-    if not dims.shared_layer_groups:
-        return
     inner = model.module if hasattr(model, "module") else model
     per_group: dict[int, tuple[object, list]] = {}
+    if dims.embedding_group is not None:
+        w = inner.shared_embedding_or_output_weight()
+        per_group[id(dims.embedding_group)] = (dims.embedding_group, [getattr(w, "main_grad", w.grad)])
     for u, group in dims.shared_layer_groups.items():
         layer = inner.layers[str(u)]
         grads = [getattr(p, "main_grad", p.grad) for p in layer.parameters() if p.requires_grad]

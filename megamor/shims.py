@@ -16,7 +16,17 @@ the CPU:
    returns the CPU stream, whose waits are no-ops (0.19's grad sync asks for it).
 3. The RNG tracker (forked around attention even with dropout 0) keeps CPU generator states.
 
-Nothing here runs when CUDA is available. `tests/test_shims.py` shows that the megatron calls
+`install_torch_adam_fixes()` repairs megatron's distributed optimizer where it wraps torch's
+AdamW (always on CPU; on GPU only without Transformer Engine / apex fused Adam):
+4. `state_dict` asserts one shared `step` over parameter states that a fresh AdamW does not have
+   yet: give every parameter a zero state (what AdamW itself would start from) first.
+5. Loading fully-reshardable parameter state copies into every state key, `step` included, which
+   the checkpoint does not carry (KeyError): keep the current step for that copy.
+6. Silent: loading gives every parameter the *same* step tensor, which AdamW then increments once
+   per parameter, corrupting bias correction after resume; give each its own copy.
+Only a resume-equality test catches 6 (tests/test_checkpoint.py).
+
+The CUDA shims (1-3) do not run when CUDA is available. `tests/test_shims.py` shows that the megatron calls
 behind 1-3 fail without these shims and work with them.
 """
 
@@ -111,3 +121,68 @@ def seed_model_parallel_rng(seed: int, tp_rank: int) -> None:
     tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
     tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
     tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
+
+
+# ----------------------------------------------------------------------------- torch AdamW fixes
+
+
+def _torch_optimizers(optimizer):
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            yield inner
+
+
+def _init_adam_states(optimizer) -> None:
+    for inner in _torch_optimizers(optimizer):
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if "exp_avg" not in st:
+                    st["exp_avg"] = torch.zeros_like(p.data)
+                    st["exp_avg_sq"] = torch.zeros_like(p.data)
+                if "step" not in st:
+                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
+
+
+def _own_step_tensors(optimizer) -> None:
+    for inner in _torch_optimizers(optimizer):
+        for st in inner.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].detach().clone()
+
+
+_ADAM_FIXED = False
+
+
+def install_torch_adam_fixes() -> None:
+    """Fixes 4-6 above, once per process, when megatron uses torch's Adam."""
+    global _ADAM_FIXED
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if _ADAM_FIXED or getattr(dopt, "HAVE_APEX_OR_TE", False):
+        return
+    cls = dopt.DistributedOptimizer
+    state_dict, load_state_dict = cls.state_dict, cls.load_state_dict
+    set_states = cls._set_main_param_and_optimizer_states
+
+    def fixed_state_dict(self):
+        _init_adam_states(self)
+        return state_dict(self)
+
+    def fixed_load_state_dict(self, sd):
+        out = load_state_dict(self, sd)
+        _own_step_tensors(self)
+        return out
+
+    def fixed_set_states(self, model_param, tensors):
+        if "step" not in tensors:
+            current = self._get_main_param_and_optimizer_states(model_param).get("step")
+            if current is not None:
+                tensors = {**tensors, "step": current.clone()}
+        return set_states(self, model_param, tensors)
+
+    cls.state_dict = fixed_state_dict
+    cls.load_state_dict = fixed_load_state_dict
+    cls._set_main_param_and_optimizer_states = fixed_set_states
+    _ADAM_FIXED = True

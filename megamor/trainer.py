@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from functools import partial
 from pathlib import Path
@@ -24,7 +25,18 @@ from megamor.config import Config, save_config
 from megamor.data import GlobalBatchSampler, ShardedTokenDataset, get_batch
 from megamor.model import build_stage, padded_vocab_size, plan_for, transformer_config
 from megamor.model.mor_model import MEAN_STATS
-from megamor.shims import install_cpu_shims, seed_model_parallel_rng
+from megamor.checkpoint import EXIT_PREEMPTED, OPTIMIZER_FORMAT, Checkpointer, resolve_resume
+from megamor.shims import install_cpu_shims, install_torch_adam_fixes, seed_model_parallel_rng
+
+PREEMPTED_MARKER = "preempted.json"  # written by rank 0 when a signal made the run save and stop
+
+
+class Preempted(SystemExit):
+    """Raised on every rank after the signal-triggered checkpoint; exit code EXIT_PREEMPTED."""
+
+    def __init__(self, step: int):
+        super().__init__(EXIT_PREEMPTED)
+        self.step = step
 
 def resolve_device(cfg: Config) -> torch.device:
     want = cfg.train.device
@@ -95,6 +107,18 @@ class Trainer:
         self.step = 0
         self.consumed_samples = 0
         self.history: list[dict] = []
+        self.tracking_run_id: Optional[str] = None
+        self._signal: Optional[int] = None
+        ck = cfg.checkpoint
+        self.checkpointer = Checkpointer(self.checkpoint_root, ck.keep_last, ck.keep_every, ck.async_save)
+        self.resumed_from = resolve_resume(ck.resume, self.checkpoint_root)
+        if self.resumed_from is not None:
+            self.checkpointer.load(self, self.resumed_from)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        c = self.cfg.checkpoint
+        return Path(c.dir) if c.dir else Path(self.cfg.run.output_dir) / "checkpoints"
 
     # ------------------------------------------------------------------ construction
 
@@ -124,6 +148,7 @@ class Trainer:
             adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
             clip_grad=t.clip_grad, bf16=self.dtype == torch.bfloat16,
             params_dtype=self.dtype, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+        install_torch_adam_fixes()
         self.optimizer = get_megatron_optimizer(ocfg, [self.model])
         samples = t.train_steps * t.global_batch_size
         style = {"wsd": "WSD", "cosine": "cosine", "constant": "constant"}[t.lr_schedule]
@@ -134,14 +159,22 @@ class Trainer:
             wd_incr_steps=samples, wd_incr_style="constant",
             wsd_decay_steps=int(round(t.decay_fraction * samples)) if style == "WSD" else None,
             lr_wsd_decay_style="linear" if style == "WSD" else None)
+        from megatron.core.process_groups_config import ProcessGroupCollection
+        # The tied embedding's gradient is summed with the other shared copies
+        # (parallel.allreduce_shared_grads); megatron's own embedding all-reduce is switched off
+        # by giving its grad finaliser an embedding group of one rank.
+        self._finalize_groups = ProcessGroupCollection.use_mpu_process_groups()
+        if self.dims.pp > 1:
+            self._finalize_groups.embd, _ = dist.new_subgroups(group_size=1)
         self.tcfg.no_sync_func = self.model.no_sync
         self.tcfg.finalize_model_grads_func = self._finalize_grads
         self.tcfg.grad_scale_func = self.optimizer.scale_loss if self.dtype != torch.float32 else None
 
-    def _finalize_grads(self, model_list, num_tokens=None, *args, **kwargs):
+    def _finalize_grads(self, model_list, num_tokens=None, pg_collection=None, force_all_reduce=False):
         from megatron.core.distributed import finalize_model_grads
-        parallel.allreduce_shared_layer_grads(self.model, self.dims)
-        return finalize_model_grads(model_list, num_tokens, *args, **kwargs)
+        parallel.allreduce_shared_grads(self.model, self.dims)
+        return finalize_model_grads(model_list, num_tokens, pg_collection=self._finalize_groups,
+                                    force_all_reduce=force_all_reduce)
 
     # ------------------------------------------------------------------ one step
 
@@ -223,6 +256,54 @@ class Trainer:
                 out[f"frac/step{l.step}"] = layer_tokens[l.index] / total
         return out
 
+    # ------------------------------------------------------------------ checkpoint state
+
+    def sharded_state_dict(self, is_loading: bool) -> dict:
+        model_sd = self.stage.sharded_state_dict()
+        if self.cfg.parallel.use_distributed_optimizer:
+            opt_sd = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                       metadata=dict(OPTIMIZER_FORMAT))
+        else:
+            opt_sd = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        return {"model": model_sd, "optimizer": opt_sd}
+
+    def checkpoint_meta(self) -> dict:
+        from megamor.checkpoint import SHAPE_FIELDS, now, rng_state
+        m, p = self.cfg.model, self.dims
+        return {
+            "format": 1, "saved_at": now(), "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+            "model": {k: getattr(m, k) for k in SHAPE_FIELDS},
+            "layout": {"tp": p.tp, "pp": p.pp, "dp": p.dp},
+            "tokenizer_fingerprint": self.tokenizer.fingerprint,
+            "tracking_run_id": self.tracking_run_id,
+        }
+
+    def load_loaded_state(self, loaded: dict, meta: dict) -> None:
+        from megamor.checkpoint import CheckpointError, set_rng_state
+        if meta.get("tokenizer_fingerprint") != self.tokenizer.fingerprint:
+            raise CheckpointError(
+                f"{self.resumed_from}: saved with tokenizer {meta.get('tokenizer_fingerprint')}, "
+                f"the data now uses {self.tokenizer.fingerprint}")
+        self.stage.load_state_dict(loaded["model"], strict=True)
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        self.scheduler.load_state_dict(meta["scheduler"])
+        set_rng_state(meta["rng"])
+        self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
+        self.tracking_run_id = meta.get("tracking_run_id")
+
+    # ------------------------------------------------------------------ signals
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signum
+
+    def _signal_agreed(self) -> bool:
+        """True on every rank once any rank got SIGTERM/SIGUSR1 (one tiny all-reduce per step)."""
+        flag = torch.tensor([1.0 if self._signal is not None else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     # ------------------------------------------------------------------ loop
 
     def format_line(self, m: dict) -> str:
@@ -238,20 +319,56 @@ class Trainer:
             parts.append("steps " + "/".join(fr))
         return " | ".join(parts)
 
+    def _open_metrics_log(self, out: Path):
+        """metrics.jsonl, one line per step; on resume, lines after the resumed step are dropped
+        so that no step appears twice."""
+        path = out / "metrics.jsonl"
+        kept = []
+        if self.resumed_from is not None and path.exists():
+            kept = [l for l in path.read_text().splitlines()
+                    if l.strip() and json.loads(l)["step"] <= self.step]
+        path.write_text("".join(l + "\n" for l in kept))
+        return open(path, "a")
+
     def train(self) -> list[dict]:
         cfg = self.cfg
         out = Path(cfg.run.output_dir)
+        log = None
         if self.dims.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.yaml")
-        while self.step < cfg.train.train_steps:
-            m = self.train_step()
-            if not math.isfinite(m["loss"]):
-                raise FloatingPointError(f"loss became {m['loss']} at step {m['step']}")
-            if self.dims.rank == 0 and (m["step"] % cfg.train.log_interval == 0 or m["step"] == 1):
-                print(self.format_line(m), flush=True)
-        if self.dims.rank == 0:
-            with open(out / "metrics.jsonl", "w") as f:
-                for m in self.history:
-                    f.write(json.dumps(m) + "\n")
+            (out / PREEMPTED_MARKER).unlink(missing_ok=True)
+            log = self._open_metrics_log(out)
+            if self.resumed_from is not None:
+                print(f"resumed from {self.resumed_from} at step {self.step}", flush=True)
+        if cfg.checkpoint.save_on_signal:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGUSR1, self._on_signal)
+        interval = cfg.checkpoint.save_interval
+        try:
+            while self.step < cfg.train.train_steps:
+                m = self.train_step()
+                if not math.isfinite(m["loss"]):
+                    raise FloatingPointError(f"loss became {m['loss']} at step {m['step']}")
+                if log is not None:
+                    log.write(json.dumps(m) + "\n")
+                    log.flush()
+                    if m["step"] % cfg.train.log_interval == 0 or m["step"] == 1:
+                        print(self.format_line(m), flush=True)
+                self.checkpointer.poll()
+                if cfg.checkpoint.save_on_signal and self._signal_agreed():
+                    path = self.checkpointer.save(self)
+                    self.checkpointer.wait()
+                    if self.dims.rank == 0:
+                        print(f"signal received: saved {path} at step {self.step}; exiting with "
+                              f"{EXIT_PREEMPTED}", flush=True)
+                        (out / PREEMPTED_MARKER).write_text(json.dumps({"step": self.step, "checkpoint": str(path)}))
+                    raise Preempted(self.step)
+                if interval and self.step % interval == 0 and self.step < cfg.train.train_steps:
+                    self.checkpointer.save(self)
+            self.checkpointer.save(self)
+            self.checkpointer.wait()
+        finally:
+            if log is not None:
+                log.close()
         return self.history

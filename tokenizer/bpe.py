@@ -118,12 +118,17 @@ def train_bpe(
     vocab_size: int,
     out_dir: str | Path,
     special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+    *,
+    min_frequency: int = 2,
+    show_progress: bool = False,
+    length: int | None = None,
 ) -> Tokenizer:
     """Train a byte-level BPE of (at most) ``vocab_size`` entries and save it to ``out_dir``.
 
     ``special_tokens[0]`` is the EOS token, ``special_tokens[1]`` (if given) the
     PAD token; special tokens get the lowest ids. The full 256-byte alphabet is
     always included, so ``vocab_size`` must exceed ``256 + len(special_tokens)``.
+    ``length`` (the number of texts, if known) only feeds the progress bar.
     """
     special_tokens = tuple(special_tokens)
     if not special_tokens:
@@ -134,42 +139,157 @@ def train_bpe(
     hf = _new_byte_level_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        min_frequency=2,
+        min_frequency=min_frequency,
         special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=show_progress,
     )
-    hf.train_from_iterator(texts, trainer=trainer)
+    hf.train_from_iterator(texts, trainer=trainer, length=length)
     tok = Tokenizer(hf, eos_token=special_tokens[0], pad_token=special_tokens[1] if len(special_tokens) > 1 else None)
     tok.save(out_dir)
     return tok
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer from a ``tokenizer.json`` file or a directory containing one.
+# Hugging Face tokenizer directories name their special tokens in these files (first found wins).
+HF_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+# Tried in order when nothing names the EOS token.
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>")
 
-    EOS/PAD tokens come from ``megamor_tokenizer.json`` beside it when present,
-    else the defaults ``<|endoftext|>``/``<|pad|>`` (PAD only if in the vocab).
+
+def _token_content(value: object) -> str | None:
+    """A special-token entry of a HF config: a string or ``{"content": ...}``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object")
+    return data
+
+
+def _hf_special_tokens(directory: Path) -> tuple[str | None, str | None, Path | None]:
+    """(eos, pad, file they came from) from a HF tokenizer directory's config files."""
+    for name in HF_CONFIG_FILES:
+        f = directory / name
+        if f.is_file():
+            cfg = _read_json(f)
+            eos, pad = _token_content(cfg.get("eos_token")), _token_content(cfg.get("pad_token"))
+            if eos is not None or pad is not None:
+                return eos, pad, f
+    return None, None, None
+
+
+def _from_vocab_merges(directory: Path) -> HFTokenizer:
+    """A GPT-2 style directory (vocab.json + merges.txt, no tokenizer.json) as a byte-level BPE."""
+    vocab, merges = directory / "vocab.json", directory / "merges.txt"
+    try:
+        hf = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise TokenizerError(f"cannot read {vocab} / {merges}: {e}") from e
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    cfg_file = directory / "tokenizer_config.json"
+    added = _read_json(cfg_file).get("added_tokens_decoder", {}) if cfg_file.is_file() else {}
+    for tid, entry in sorted(added.items(), key=lambda kv: int(kv[0])):
+        content = _token_content(entry)
+        if content is None or hf.token_to_id(content) is not None:
+            continue
+        hf.add_special_tokens([content])
+        if hf.token_to_id(content) != int(tid):
+            raise TokenizerError(f"{cfg_file}: added token {content!r} should have id {tid}, "
+                                 f"got {hf.token_to_id(content)}")
+    return hf
+
+
+def load_tokenizer(path: str | Path, eos_token: str | None = None,
+                   pad_token: str | None = None) -> Tokenizer:
+    """Load a tokenizer offline from a ``tokenizer.json`` file or a directory.
+
+    Accepted: a megamor tokenizer directory (``tokenizer.json`` + ``megamor_tokenizer.json``),
+    any Hugging Face tokenizer directory with a ``tokenizer.json`` (e.g. SmolLM's, 49,152
+    entries) or with ``vocab.json`` + ``merges.txt`` (GPT-2 style byte-level BPE), or a bare
+    ``tokenizer.json``. EOS/PAD come from, in order: the arguments, ``megamor_tokenizer.json``,
+    the directory's ``tokenizer_config.json`` / ``special_tokens_map.json``, else the first of
+    ``EOS_CANDIDATES`` in the vocabulary (and ``<|pad|>`` for PAD when present, else EOS).
     """
     p = Path(path)
+    directory = p if p.is_dir() else p.parent
     file = p / TOKENIZER_FILE if p.is_dir() else p
-    if not file.is_file():
-        raise TokenizerError(f"tokenizer file not found: {file}")
-    try:
-        hf = HFTokenizer.from_file(str(file))
-    except Exception as e:  # tokenizers raises a bare Exception on parse errors
-        raise TokenizerError(f"cannot read tokenizer file {file}: {e}") from e
-    meta_file = file.with_name(META_FILE)
-    eos, pad = DEFAULT_SPECIAL_TOKENS
-    if meta_file.is_file():
+    if file.is_file():
         try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-            eos, pad = meta["eos_token"], meta.get("pad_token")
-        except (ValueError, KeyError, TypeError) as e:
-            raise TokenizerError(f"cannot read tokenizer meta file {meta_file}: {e!r}") from e
-    elif hf.token_to_id(pad) is None:
-        pad = None
+            hf = HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception on parse errors
+            raise TokenizerError(f"cannot read tokenizer file {file}: {e}") from e
+    elif p.is_dir() and (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
+        hf = _from_vocab_merges(p)
+        file = p / "vocab.json"
+    elif p.is_dir() and (p / "tokenizer.model").is_file():
+        raise TokenizerError(f"{p}: only a sentencepiece tokenizer.model, no tokenizer.json; "
+                             "convert it to tokenizer.json (e.g. with transformers) first")
+    else:
+        raise TokenizerError(f"tokenizer file not found: {file}")
+    meta_file = directory / META_FILE
+    eos, pad, source = eos_token, pad_token, "argument"
+    if eos is None:
+        if meta_file.is_file():
+            try:
+                meta = json.loads(meta_file.read_text(encoding="utf-8"))
+                eos, source = meta["eos_token"], str(meta_file)
+                pad = pad if pad is not None else meta.get("pad_token")
+            except (ValueError, KeyError, TypeError) as e:
+                raise TokenizerError(f"cannot read tokenizer meta file {meta_file}: {e!r}") from e
+        else:
+            hf_eos, hf_pad, cfg_file = _hf_special_tokens(directory)
+            if hf_eos is not None:
+                eos, source = hf_eos, str(cfg_file)
+            if pad is None:
+                pad = hf_pad
+            if eos is None:
+                eos = next((c for c in EOS_CANDIDATES if hf.token_to_id(c) is not None), None)
+                source = "default candidates"
+            if eos is None:
+                raise TokenizerError(f"{file}: cannot tell the EOS token (no {META_FILE}, no eos_token "
+                                     f"in {' / '.join(HF_CONFIG_FILES)}, none of {list(EOS_CANDIDATES)} "
+                                     "in the vocabulary); pass it explicitly")
+            if pad is None and hf.token_to_id(DEFAULT_SPECIAL_TOKENS[1]) is not None:
+                pad = DEFAULT_SPECIAL_TOKENS[1]
     try:
         return Tokenizer(hf, eos_token=eos, pad_token=pad)
     except TokenizerError as e:
-        raise TokenizerError(f"{file}: {e}") from e
+        raise TokenizerError(f"{file}: {e} (eos/pad from {source})") from e
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_TOKENIZER_DIR = "tokenizer"
+
+
+def save_with_checkpoint(tok: Tokenizer, checkpoint_dir: str | Path) -> Path:
+    """Store the run's tokenizer inside a checkpoint directory (``<ckpt>/tokenizer/``).
+
+    A no-op when an identical tokenizer is already there; a different one is an error
+    (a checkpoint directory belongs to one run).
+    """
+    dest = Path(checkpoint_dir) / CHECKPOINT_TOKENIZER_DIR
+    if (dest / TOKENIZER_FILE).is_file():
+        load_from_checkpoint(checkpoint_dir, expect_fingerprint=tok.fingerprint)
+        return dest
+    return tok.save(dest)
+
+
+def load_from_checkpoint(checkpoint_dir: str | Path, expect_fingerprint: str | None = None) -> Tokenizer:
+    """The tokenizer stored with a checkpoint; ``TokenizerError`` if it is not the expected one."""
+    dest = Path(checkpoint_dir) / CHECKPOINT_TOKENIZER_DIR
+    tok = load_tokenizer(dest)
+    if expect_fingerprint is not None and tok.fingerprint != expect_fingerprint:
+        raise TokenizerError(f"{dest / TOKENIZER_FILE}: tokenizer fingerprint {tok.fingerprint} "
+                             f"!= expected {expect_fingerprint} (checkpoint from another tokenizer)")
+    return tok

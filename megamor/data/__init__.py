@@ -1,29 +1,53 @@
-"""Data path: built-in corpus, packed webdataset shards, and the global batch sampler."""
+"""Data path: readers, preparation, packed webdataset shards, blending and the batch sampler.
 
-from megamor.data.builtin import builtin_dataset_root, ensure_builtin_dataset
-from megamor.data.corpus import builtin_corpus
-from megamor.data.sampler import GlobalBatchSampler, get_batch
-from megamor.data.shards import (
-    DataError,
-    Manifest,
-    ShardedTokenDataset,
-    ShardInfo,
-    SplitInfo,
-    load_manifest,
-    prepare_shards,
-)
+Names are imported lazily (PEP 562), so ``megamor --help`` and the CLI's argument
+parsing do not pay for importing torch.
+"""
 
-__all__ = [
-    "DataError",
-    "GlobalBatchSampler",
-    "Manifest",
-    "ShardInfo",
-    "ShardedTokenDataset",
-    "SplitInfo",
-    "builtin_corpus",
-    "builtin_dataset_root",
-    "ensure_builtin_dataset",
-    "get_batch",
-    "load_manifest",
-    "prepare_shards",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "builtin_dataset_root": "builtin",
+    "ensure_builtin_dataset": "builtin",
+    "builtin_corpus": "corpus",
+    "GlobalBatchSampler": "sampler",
+    "get_batch": "sampler",
+    "DataError": "shards",
+    "Manifest": "shards",
+    "PackedSplitWriter": "shards",
+    "ShardedTokenDataset": "shards",
+    "ShardInfo": "shards",
+    "SplitInfo": "shards",
+    "load_manifest": "shards",
+    "prepare_shards": "shards",
+    "Counts": "sources",
+    "iter_documents": "sources",
+    "resolve_inputs": "sources",
+    "PrepareResult": "prepare",
+    "prepare_dataset": "prepare",
+    "BatchLoader": "loader",
+    "BlendedDataset": "loader",
+    "DataComponent": "loader",
+    "collate_samples": "loader",
+    "data_tokenizer_dir": "loader",
+    "open_training_data": "loader",
+    "parse_data_spec": "loader",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

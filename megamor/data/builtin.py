@@ -9,7 +9,9 @@ import fcntl
 from pathlib import Path
 
 from megamor.data.corpus import builtin_corpus
-from megamor.data.shards import MANIFEST_FILE, DataError, load_manifest, prepare_shards
+from megamor.data.prepare import prepare_dataset
+from megamor.data.shards import MANIFEST_FILE, DataError, load_manifest
+from megamor.data.sources import BUILTIN
 from tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_bpe
 
 TOKENIZER_DIR = "tokenizer"
@@ -58,14 +60,15 @@ def ensure_builtin_dataset(root: str | Path, seq_length: int, vocab_size: int,
         try:
             if _check_complete(root, seq_length, vocab_size):
                 return root
-            train_docs, val_docs = builtin_corpus()
+            train_docs, _ = builtin_corpus()
             tok = train_bpe(train_docs, vocab_size, root / TOKENIZER_DIR)
             if tok.vocab_size != vocab_size:
                 raise ValueError(f"builtin corpus only supports vocab_size <= {tok.vocab_size}, "
                                  f"requested {vocab_size}")
-            # The train split goes last: a manifest with both splits marks completion.
-            prepare_shards(val_docs, tok, seq_length, root, samples_per_shard, split_name="val")
-            prepare_shards(train_docs, tok, seq_length, root, samples_per_shard, split_name="train")
+            # The same path as `megamor data prepare builtin`; the corpus fixes its own val split.
+            # The manifest (both splits) is written last, atomically: it marks completion.
+            prepare_dataset([BUILTIN], tok, seq_length, root, samples_per_shard=samples_per_shard,
+                            val_fraction=0.0, workers=0, progress=False)
             return root
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

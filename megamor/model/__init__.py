@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megamor.config import Config
-from megamor.model.layout import Plan, build_plan, stage_ranges
+from megamor.model.layout import Plan, build_plan, copy_index, stage_ranges
 from megamor.model.mor_model import MoRModel
 from megamor.model.specs import resolve_backend
 
@@ -77,4 +77,5 @@ def build_stage(cfg: Config, tcfg: TransformerConfig, vocab_size: int, pp_rank: 
     return MoRModel(
         tcfg, cfg.model, cfg.routing, plan, ranges[pp_rank], vocab_size,
         pre_process=pp_rank == 0, post_process=pp_rank == pp - 1, seed=seed,
-        backend=resolve_backend(cfg.model.backend), dp_group=dp_group)
+        backend=resolve_backend(cfg.model.backend), dp_group=dp_group,
+        layer_copy_index=copy_index(plan, ranges, pp_rank))

@@ -106,3 +106,15 @@ def stage_ranges(plan: Plan, num_stages: int, sizes: list[int] | None = None) ->
         out.append((start, start + s))
         start += s
     return out
+
+
+def copy_index(plan: Plan, ranges: list[tuple[int, int]], stage: int) -> dict[int, int]:
+    """For each unique layer on `stage`: how many earlier stages also hold a copy of it.
+
+    0 marks the owning copy (saved in checkpoints, counted in the gradient norm); the others are
+    replicas of it.
+    """
+    out = {}
+    for u in plan.unique_layers_in(*ranges[stage]):
+        out[u] = sum(1 for p in range(stage) if u in plan.unique_layers_in(*ranges[p]))
+    return out

@@ -81,12 +81,38 @@ class StageState:
         return cls(wire[..., :h], wire[..., h:2 * h], wire[..., 2 * h], wire[..., 2 * h + 1])
 
 
+class UniqueLayers(nn.ModuleDict):
+    """The stage's unique layers, keyed by unique index (the same key on every stage).
+
+    Its sharded state dict names layer u `layers.u.*` whatever the layout, and marks copies that
+    an earlier stage also holds as replicas, so a checkpoint stores each shared layer once and any
+    pipeline layout can load it.
+    """
+
+    def __init__(self, copy_index: dict[int, int]):
+        super().__init__()
+        self.copy_index = copy_index
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        out = {}
+        for u, layer in self.items():
+            sd = layer.sharded_state_dict(f"{prefix}{u}.", sharded_offsets, metadata)
+            copy = self.copy_index.get(int(u), 0)
+            if copy:
+                for sh in sd.values():
+                    rid = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
+                    sh.replica_id = (rid[0] + 100 * copy,) + tuple(rid[1:])
+            out.update(sd)
+        return out
+
+
 class MoRModel(LanguageModule):
     """One pipeline stage of a vanilla, recursive or MoR language model."""
 
     def __init__(self, config: TransformerConfig, model_cfg: ModelConfig, routing_cfg: RoutingConfig,
                  plan: Plan, stage: tuple[int, int], vocab_size: int, pre_process: bool,
-                 post_process: bool, seed: int, backend: str = "local", dp_group=None):
+                 post_process: bool, seed: int, backend: str = "local", dp_group=None,
+                 layer_copy_index: Optional[dict[int, int]] = None):
         super().__init__(config=config)
         self.mcfg, self.rcfg, self.plan = model_cfg, routing_cfg, plan
         self.start, self.stop = stage
@@ -109,7 +135,7 @@ class MoRModel(LanguageModule):
                     config=config, vocab_size=vocab_size,
                     max_sequence_length=model_cfg.seq_length, position_embedding_type="rope")
         spec = layer_spec(backend, self.kv_sharing, self.routed)
-        self.layers = nn.ModuleDict()
+        self.layers = UniqueLayers(layer_copy_index or {})
         for u in plan.unique_layers_in(self.start, self.stop):
             with seeded(seed, _TAG_LAYER + u):
                 self.layers[str(u)] = build_module(spec, config=config, layer_number=u + 1)
@@ -142,10 +168,14 @@ class MoRModel(LanguageModule):
     # -------------------------------------------------------------- megatron plumbing
 
     def _tie_embeddings(self) -> None:
-        """Mark the tied embedding / output weights the way megatron's grad finaliser expects.
+        """Mark the tied embedding / output weights.
 
         The last stage's copy already equals the first stage's (same seeded draw), so unlike
-        `LanguageModule.setup_embeddings_and_output_layer` no start-up all-reduce is needed.
+        `LanguageModule.setup_embeddings_and_output_layer` no start-up all-reduce is needed. Its
+        gradient is summed with the first stage's by `parallel.allreduce_shared_grads`, like any
+        shared-layer copy. It is deliberately not flagged `shared_embedding`: that flag gives it a
+        bucket of its own in megatron's DDP, whose padding megatron's fully-reshardable optimizer
+        checkpoint then mis-slices (optimizer state shifted by the padding; megatron issue 504).
         """
         if self.pre_process:
             self.embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
@@ -153,12 +183,8 @@ class MoRModel(LanguageModule):
             self.output_layer.weight.is_embedding_or_output_parameter = True
         if self.config.pipeline_model_parallel_size == 1:
             self.shared_embedding_or_output_weight().zero_out_wgrad = True
-            return
-        w = self.shared_embedding_or_output_weight()
-        if w is not None:
-            w.shared_embedding = True
-            if not self.pre_process:
-                w.shared = True
+        elif self.post_process and not self.pre_process:
+            self.output_layer.weight.shared = True  # counted once in the gradient norm
 
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, (list, tuple)):

@@ -1,0 +1,500 @@
+"""MLflow experiment tracking from one rank, built so that tracking can never stop training.
+
+Usage (rank 0 only; every other rank, or tracking switched off, gets a `NullTracker`)::
+
+    tracker = Tracker()
+    run_id = tracker.start(run_dir, cfg.to_dict(), tracking_uri=None, experiment="megamor",
+                           run_name="360m-mor", run_id=checkpointed_run_id)  # None: new run
+    for each logged step:  tracker.log_metrics(step, {"loss": ..., "lr": ...})
+    tracker.log_artifact(run_dir / "config.yaml")
+    tracker.finish("FINISHED")  # or "FAILED" / "KILLED"
+
+Store. `tracking_uri` if given, else the `MLFLOW_TRACKING_URI` environment variable, else a
+local SQLite store `sqlite:///<run_dir>/mlflow.db` with artifacts under
+`<run_dir>/mlruns-artifacts` (no server; browse with `mlflow ui --backend-store-uri ...`).
+
+Configuration. The nested config dict is logged as params `section.option` (values as strings,
+truncated to 500 characters). On a resumed run, params already present with the same value are
+skipped (MLflow params are immutable); a changed value is recorded as the tag
+`megamor.param_changed.<key>` = "old -> new" instead of failing.
+
+System metrics. When `psutil` is importable, every `log_metrics` call adds `system/cpu_percent`
+(whole machine, averaged since the previous call), `system/memory_percent`,
+`system/memory_used_gb` and `system/process_rss_gb` (this process) at the same step. Sampled
+in-process on the caller's thread, so it works offline, needs no background thread, and shares
+the training step axis. (MLflow's own system-metrics monitor runs a thread per run that talks to
+the store on its own schedule; that is what we avoid.)
+
+Metric contract (resume without duplicated or missing steps). Per metric key, steps are strictly
+increasing: a (key, step) at or below the highest step already logged for that key is dropped and
+counted in `skipped`. On `start(run_id=...)` the highest step per key is read back from the store,
+so a trainer resumed from a checkpoint at step S may simply log every step from S + 1 on: steps
+that the interrupted attempt had already delivered (S + 1 .. S') are not logged twice (the first
+attempt's values are kept), and later steps are appended. Steps the interrupted attempt never
+delivered are logged by the resumed one, so nothing is missing either.
+
+Failures. Every call catches every error of the tracking store (server down, network, disk): the
+first failure of a burst logs one warning, the data stay in a bounded buffer (`buffer_size`
+metrics, oldest dropped first and counted in `lost`), and delivery is retried on a later call once
+an exponential backoff (1 s doubling to 60 s) has passed; a success after a burst logs how much was
+delivered. `failures` counts failed delivery attempts. MLflow's HTTP client is set (unless the
+environment already says otherwise) to 0 internal retries and a 10 s timeout, so a dead server
+costs one fast failed request per backoff period, not minutes of blocking. `finish()` tries a
+last forced delivery, marks the run terminated, and returns a report; metrics that still could not
+be delivered are written to `<run_dir>/mlflow-unsent.jsonl` and counted as lost. If the run
+itself could not be created at `start()` (store unreachable), creation is retried like any other
+delivery and `run_id` stays None until it succeeds: read `tracker.run_id` when checkpointing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+log = logging.getLogger("megamor.tracking")
+
+PARAM_VALUE_LIMIT = 500
+TAG_VALUE_LIMIT = 5000
+_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
+_PARAMS_PER_BATCH = 100
+_TAGS_PER_BATCH = 100
+_BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /:]")
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "",
+                   limit: int = PARAM_VALUE_LIMIT) -> dict[str, str]:
+    """Nested dict -> {"section.option": "value"}; values stringified and cut to `limit` chars."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_config(value, name, limit))
+        else:
+            text = str(value)
+            out[name] = text if len(text) <= limit else text[:limit]
+    return out
+
+
+def metric_items(metrics: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """Numeric items of a metrics dict as (key, float): lists/tuples become `key/<i>`, bools 0/1,
+    anything non-numeric (strings, None) is left out, as is a key named `step`. Characters MLflow
+    refuses in metric names are replaced by `_`."""
+    out: list[tuple[str, float]] = []
+    for key, value in metrics.items():
+        if key == "step":
+            continue
+        key = _BAD_KEY_CHARS.sub("_", str(key))
+        if isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                f = _as_float(v)
+                if f is not None:
+                    out.append((f"{key}/{i}", f))
+            continue
+        f = _as_float(value)
+        if f is not None:
+            out.append((key, f))
+    return out
+
+
+def _as_float(v: Any) -> Optional[float]:
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, (int, float)):
+        return float(v)
+    item = getattr(v, "item", None)  # numpy / torch scalars
+    if callable(item) and getattr(v, "ndim", 1) == 0:
+        try:
+            return float(item())
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def default_tracking_uri(run_dir: Path) -> str:
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+class _SystemSampler:
+    """CPU/RAM numbers through psutil, if installed; otherwise nothing."""
+
+    def __init__(self) -> None:
+        try:
+            import psutil
+        except ImportError:
+            self.psutil = None
+            return
+        self.psutil = psutil
+        self.proc = psutil.Process()
+        psutil.cpu_percent(None)  # prime: the next call averages since now
+
+    def sample(self) -> dict[str, float]:
+        if self.psutil is None:
+            return {}
+        try:
+            vm = self.psutil.virtual_memory()
+            return {"system/cpu_percent": float(self.psutil.cpu_percent(None)),
+                    "system/memory_percent": float(vm.percent),
+                    "system/memory_used_gb": (vm.total - vm.available) / 2**30,
+                    "system/process_rss_gb": self.proc.memory_info().rss / 2**30}
+        except Exception:  # a sampling problem is never worth an exception in the train loop
+            return {}
+
+
+class NullTracker:
+    """The tracker of non-logging ranks, or of runs with tracking switched off."""
+
+    run_id: Optional[str] = None
+    failures = 0
+    lost = 0
+    skipped = 0
+
+    def start(self, run_dir: Path, config_dict: dict, tracking_uri: Optional[str] = None,
+              experiment: str = "megamor", run_name: Optional[str] = None,
+              run_id: Optional[str] = None) -> Optional[str]:
+        return None
+
+    def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path, artifact_path: Optional[str] = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def flush(self, force: bool = True) -> bool:
+        return True
+
+    def last_logged_step(self, key: Optional[str] = None) -> Optional[int]:
+        return None
+
+    @property
+    def pending(self) -> int:
+        return 0
+
+    def finish(self, status: str = "FINISHED") -> dict:
+        return {"run_id": None, "status": status, "failures": 0, "lost_metrics": 0,
+                "lost_artifacts": 0, "skipped": 0}
+
+
+class Tracker:
+    """MLflow tracking for one process; see the module docstring for the contracts."""
+
+    def __init__(self, buffer_size: int = 100_000, request_timeout_s: int = 10,
+                 backoff_initial_s: float = 1.0, backoff_max_s: float = 60.0,
+                 system_metrics: bool = True, finish_attempts: int = 2) -> None:
+        self.buffer_size = buffer_size
+        self.request_timeout_s = request_timeout_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.finish_attempts = finish_attempts
+        self.system = _SystemSampler() if system_metrics else None
+        self.client = None
+        self.run_id: Optional[str] = None
+        self.tracking_uri: Optional[str] = None
+        self.run_dir: Optional[Path] = None
+        self.failures = 0  # failed delivery attempts
+        self.lost = 0  # metrics dropped: buffer overflow, or undeliverable at finish
+        self.lost_artifacts = 0
+        self.skipped = 0  # (key, step) at or below the key's highest logged step
+        self.sent = 0  # metrics delivered
+        self._metrics: deque = deque()  # mlflow.entities.Metric, oldest first
+        self._params: list = []
+        self._tags: dict[str, str] = {}
+        self._artifacts: list[tuple[str, Optional[str]]] = []
+        self._last_step: dict[str, int] = {}  # key -> highest step logged (store or this session)
+        self._need_setup = False
+        self._resume = False
+        self._experiment = "megamor"
+        self._run_name: Optional[str] = None
+        self._terminal: Optional[str] = None
+        self._in_burst = False
+        self._burst_failures = 0
+        self._backoff = backoff_initial_s
+        self._next_try = 0.0
+        self._finished = False
+
+    # ------------------------------------------------------------------ public API
+
+    def start(self, run_dir: Path, config_dict: dict, tracking_uri: Optional[str] = None,
+              experiment: str = "megamor", run_name: Optional[str] = None,
+              run_id: Optional[str] = None) -> Optional[str]:
+        """Create (or, with `run_id`, resume) the run and queue the config as params.
+
+        Returns the run id, or None when the store could not be reached (creation is retried on
+        later calls; `self.run_id` holds the id once it exists).
+        """
+        from mlflow.entities import Param  # imported here: mlflow costs ~2 s to import
+
+        # MLflow's HTTP client retries 7 times with exponential backoff and a 120 s timeout by
+        # default: minutes of blocking per call when the server is down. This module buffers
+        # and retries itself, so the client should fail fast (unless the user chose otherwise).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(self.request_timeout_s))
+        self.run_dir = Path(run_dir)
+        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+        self._default_store = self.tracking_uri is None
+        if self._default_store:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.tracking_uri = default_tracking_uri(self.run_dir)
+        self._experiment, self._run_name = experiment, run_name
+        self.run_id, self._resume = run_id, run_id is not None
+        self._params = [Param(k, v) for k, v in flatten_config(config_dict).items()]
+        self._need_setup = True
+        self._finished = False
+        self._terminal = None
+        self.flush(force=True)
+        return self.run_id
+
+    def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Queue the numeric entries of `metrics` at `step` (plus system metrics) and try to send."""
+        from mlflow.entities import Metric
+
+        step = int(step)
+        now = int(time.time() * 1000)
+        items = metric_items(metrics)
+        if self.system is not None:
+            items += list(self.system.sample().items())
+        for key, value in items:
+            if step <= self._last_step.get(key, -(2**62)):
+                self.skipped += 1
+                continue
+            self._last_step[key] = step
+            self._metrics.append(Metric(key, value, now, step))
+        while len(self._metrics) > self.buffer_size:
+            self._metrics.popleft()
+            self.lost += 1
+        self.flush(force=False)
+
+    def log_artifact(self, path, artifact_path: Optional[str] = None) -> None:
+        """Upload a file or directory (retried like metrics if the store is unreachable)."""
+        p = Path(path)
+        if not p.exists():
+            log.warning("tracking: artifact %s does not exist; not logged", p)
+            return
+        self._artifacts.append((str(p), artifact_path))
+        while len(self._artifacts) > 1000:
+            self._artifacts.pop(0)
+            self.lost_artifacts += 1
+        self.flush(force=False)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            text = str(v)
+            self._tags[str(k)] = text[:TAG_VALUE_LIMIT]
+        self.flush(force=False)
+
+    @property
+    def pending(self) -> int:
+        """Metrics waiting for delivery."""
+        return len(self._metrics)
+
+    def flush(self, force: bool = True) -> bool:
+        """Deliver what is buffered. Without `force` nothing is tried before the backoff has
+        passed. Never raises; returns True when nothing is left to send."""
+        if self.tracking_uri is None:
+            return not self._has_pending()
+        if not self._has_pending():
+            return True
+        if not force and time.monotonic() < self._next_try:
+            return False
+        try:
+            self._deliver()
+        except Exception as e:  # noqa: BLE001 - any store error must not reach the train loop
+            self.failures += 1
+            self._burst_failures += 1
+            if not self._in_burst:
+                self._in_burst = True
+                log.warning("tracking: MLflow store %s unreachable (%s: %s); buffering metrics "
+                            "and retrying with backoff", self.tracking_uri, type(e).__name__,
+                            str(e).splitlines()[0][:300] if str(e) else "")
+            self._next_try = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, self.backoff_max_s)
+            return False
+        if self._in_burst:
+            log.warning("tracking: MLflow store reachable again after %d failed attempts; "
+                        "buffered data delivered", self._burst_failures)
+        self._in_burst, self._burst_failures = False, 0
+        self._backoff, self._next_try = self.backoff_initial_s, 0.0
+        return True
+
+    def last_logged_step(self, key: Optional[str] = None) -> Optional[int]:
+        """Highest step in the store for `key` (from its full metric history), or over all keys
+        (from the latest values) when `key` is None; None if nothing or the store is unreachable."""
+        if self.client is None or self.run_id is None:
+            return None
+        try:
+            if key is not None:
+                steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
+                return max(steps) if steps else None
+            latest = self._store_latest_steps()
+            return max(latest.values()) if latest else None
+        except Exception as e:  # noqa: BLE001
+            log.warning("tracking: cannot read back metric history (%s)", e)
+            return None
+
+    def finish(self, status: str = "FINISHED") -> dict:
+        """Last forced delivery, mark the run `status`, and report what could not be sent."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        if self._finished:
+            return self._report(status)
+        self._terminal = status
+        for attempt in range(max(1, self.finish_attempts)):
+            if self.flush(force=True):
+                break
+            if attempt + 1 < self.finish_attempts:
+                time.sleep(min(1.0, self.backoff_max_s))
+        self._finished = True
+        if self._metrics:
+            unsent = len(self._metrics)
+            dump = None
+            if self.run_dir is not None:
+                try:
+                    dump = self.run_dir / "mlflow-unsent.jsonl"
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                    with open(dump, "a") as f:
+                        for m in self._metrics:
+                            f.write(json.dumps({"key": m.key, "value": m.value, "step": m.step,
+                                                "timestamp": m.timestamp}) + "\n")
+                except OSError:
+                    dump = None
+            self.lost += unsent
+            self._metrics.clear()
+            log.warning("tracking: %d metrics could not be delivered to %s%s", unsent,
+                        self.tracking_uri, f" (written to {dump})" if dump else "")
+        if self._artifacts:
+            self.lost_artifacts += len(self._artifacts)
+            log.warning("tracking: artifacts not uploaded: %s", [a for a, _ in self._artifacts])
+            self._artifacts.clear()
+        return self._report(status)
+
+    # ------------------------------------------------------------------ internals
+
+    def _report(self, status: str) -> dict:
+        return {"run_id": self.run_id, "status": status, "failures": self.failures,
+                "sent_metrics": self.sent, "lost_metrics": self.lost,
+                "lost_artifacts": self.lost_artifacts, "skipped": self.skipped,
+                "terminated": self._terminal is None}
+
+    def _has_pending(self) -> bool:
+        return bool(self._need_setup or self._params or self._tags or self._metrics
+                    or self._artifacts or self._terminal)
+
+    def _store_latest_steps(self) -> dict[str, int]:
+        run = self.client.get_run(self.run_id)
+        objs = getattr(run.data, "_metric_objs", None)
+        if objs is not None:
+            return {m.key: int(m.step) for m in objs}
+        out = {}
+        for key in run.data.metrics:
+            hist = self.client.get_metric_history(self.run_id, key)
+            if hist:
+                out[key] = max(int(m.step) for m in hist)
+        return out
+
+    def _setup(self) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        if self.client is None:
+            self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        c = self.client
+        if self._resume:
+            run = c.get_run(self.run_id)
+            c.update_run(self.run_id, status="RUNNING")
+            # Per-key high-water marks from the store: re-logged steps are dropped, including
+            # any buffered before the store could be reached.
+            latest = self._store_latest_steps()
+            for key, step in latest.items():
+                self._last_step[key] = max(self._last_step.get(key, step), step)
+            kept = deque()
+            for m in self._metrics:
+                if m.step <= latest.get(m.key, -(2**62)):
+                    self.skipped += 1
+                else:
+                    kept.append(m)
+            self._metrics = kept
+            existing = run.data.params
+            params = []
+            for p in self._params:
+                if p.key not in existing:
+                    params.append(p)
+                elif existing[p.key] != p.value:
+                    self._tags[f"megamor.param_changed.{p.key}"[:250]] = \
+                        f"{existing[p.key]} -> {p.value}"[:TAG_VALUE_LIMIT]
+            self._params = params
+            self._tags.setdefault("megamor.resumed", "true")
+        else:
+            exp = c.get_experiment_by_name(self._experiment)
+            if exp is None:
+                art = None
+                if self._default_store:
+                    art = (self.run_dir.resolve() / "mlruns-artifacts").as_uri()
+                try:
+                    exp_id = c.create_experiment(self._experiment, artifact_location=art)
+                except Exception:  # created concurrently: use it
+                    exp = c.get_experiment_by_name(self._experiment)
+                    if exp is None:
+                        raise
+                    exp_id = exp.experiment_id
+            else:
+                exp_id = exp.experiment_id
+            tags = {"megamor.run_dir": str(self.run_dir.resolve())}
+            run = c.create_run(exp_id, run_name=self._run_name, tags=tags)
+            self.run_id = run.info.run_id
+            self._resume = True  # a retry after this point must not create a second run
+        self._need_setup = False
+
+    def _deliver(self) -> None:
+        from mlflow.entities import RunTag
+
+        if self._need_setup:
+            self._setup()
+        c, rid = self.client, self.run_id
+        while self._params:
+            chunk = self._params[:_PARAMS_PER_BATCH]
+            c.log_batch(rid, params=chunk)
+            del self._params[:len(chunk)]
+        while self._tags:
+            keys = list(self._tags)[:_TAGS_PER_BATCH]
+            c.log_batch(rid, tags=[RunTag(k, self._tags[k]) for k in keys])
+            for k in keys:
+                del self._tags[k]
+        while self._metrics:
+            chunk = [self._metrics[i] for i in range(min(_METRICS_PER_BATCH, len(self._metrics)))]
+            c.log_batch(rid, metrics=chunk)
+            for _ in chunk:
+                self._metrics.popleft()
+            self.sent += len(chunk)
+        while self._artifacts:
+            path, artifact_path = self._artifacts[0]
+            if Path(path).is_dir():
+                c.log_artifacts(rid, path, artifact_path)
+            else:
+                c.log_artifact(rid, path, artifact_path)
+            self._artifacts.pop(0)
+        if self._terminal:
+            c.set_terminated(rid, status=self._terminal)
+            self._terminal = None
+
+
+def create_tracker(enabled: bool, is_logging_rank: bool, **kwargs) -> Tracker | NullTracker:
+    """A real `Tracker` on the logging rank when tracking is enabled, a `NullTracker` otherwise."""
+    return Tracker(**kwargs) if (enabled and is_logging_rank) else NullTracker()
+
+
+def read_unsent(path: Path) -> Iterable[dict]:
+    """Entries of an `mlflow-unsent.jsonl` written by `Tracker.finish`."""
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)

@@ -1,0 +1,236 @@
+"""MLflow tracking: a real `mlflow server` on 127.0.0.1, resume without duplicates, outages."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from megamor.tracking import NullTracker, Tracker, flatten_config, metric_items, read_unsent  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` in its own process group (the CLI starts uvicorn as a child), so stopping
+    it ends exactly the processes this test started."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        env = dict(os.environ)
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner / huey workers
+        env.pop("MLFLOW_TRACKING_URI", None)
+        self.log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server",
+             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--artifacts-destination", str(self.root / "server-artifacts"),
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("mlflow server exited:\n" + (self.root / "server.log").read_text()[-3000:])
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("mlflow server did not answer in time")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+        # the uvicorn child shares the group: make sure it is gone too before a restart
+        for _ in range(50):
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc = None
+        self.log.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = MlflowServer(tmp_path)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _step_metrics(step: int) -> dict:
+    # the shape of Trainer._reduce_metrics' dict
+    return {"step": step, "loss": 5.0 - 0.1 * step, "lr": 1e-3 * step, "grad_norm": 1.5,
+            "tokens_per_s": 1000.0 + step, "router/step2/selected": 40.0 + step,
+            "frac/step2": 0.66, "layer_tokens": [64.0, 64.0, 42.0, 21.0]}
+
+
+def _steps(client, run_id, key):
+    return [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_server_resume_and_outage(server, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("model:\n  hidden_size: 64\n")
+    config = {"model": {"hidden_size": 64, "arch": "mor", "capacity": [1.0, 0.5]},
+              "train": {"lr": 3e-3, "train_steps": 10}, "run": {"note": "x" * 800}}
+
+    # --- first attempt: steps 1..5 delivered, then the process "dies" (no finish)
+    t1 = Tracker()
+    run_id = t1.start(run_dir, config, tracking_uri=server.url, experiment="megamor-test",
+                      run_name="first")
+    assert run_id and t1.run_id == run_id
+    for step in range(1, 6):
+        t1.log_metrics(step, _step_metrics(step))
+    t1.log_artifact(run_dir / "config.yaml")
+    t1.set_tags({"phase": "one"})
+    assert t1.failures == 0 and t1.pending == 0
+    assert t1.last_logged_step("loss") == 5
+
+    client = MlflowClient(server.url)
+    run = client.get_run(run_id)
+    assert run.info.run_name == "first"
+    assert run.data.params["model.hidden_size"] == "64"
+    assert run.data.params["model.capacity"] == "[1.0, 0.5]"
+    assert run.data.params["run.note"] == "x" * 500  # truncated
+    assert run.data.tags["phase"] == "one"
+    assert {"system/cpu_percent", "system/memory_percent", "system/process_rss_gb",
+            "layer_tokens/2", "router/step2/selected", "frac/step2"} <= set(run.data.metrics)
+    assert "step" not in run.data.metrics
+    assert [f.path for f in client.list_artifacts(run_id)] == ["config.yaml"]
+
+    # --- resumed from a checkpoint at step 3: the trainer re-runs and logs steps 4..8
+    config["train"]["lr"] = 1e-3
+    t2 = Tracker()
+    assert t2.start(run_dir, config, tracking_uri=server.url, experiment="megamor-test",
+                    run_id=run_id) == run_id
+    for step in range(4, 9):
+        t2.log_metrics(step, _step_metrics(step))
+    n_keys = len(metric_items(_step_metrics(4))) + 4  # + 4 system metrics
+    assert t2.skipped == 2 * n_keys  # steps 4 and 5 were already in the store
+    assert t2.failures == 0
+    assert _steps(client, run_id, "loss") == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert _steps(client, run_id, "system/cpu_percent") == [1, 2, 3, 4, 5, 6, 7, 8]
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING"
+    assert run.data.params["train.lr"] == "0.003"  # params are immutable ...
+    assert run.data.tags["megamor.param_changed.train.lr"] == "0.003 -> 0.001"  # ... change noted
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+    # --- the server goes down: nothing raises, metrics are buffered, calls stay fast
+    server.stop()
+    t0 = time.monotonic()
+    for step in range(9, 12):
+        t2.log_metrics(step, _step_metrics(step))
+    (run_dir / "late.txt").write_text("written during the outage")
+    t2.log_artifact(run_dir / "late.txt", artifact_path="extra")
+    assert t2.flush(force=True) is False
+    assert time.monotonic() - t0 < 10
+    assert t2.failures > 0
+    assert t2.pending == 3 * n_keys
+
+    # --- back up: the buffered steps arrive exactly once
+    server.start()
+    assert t2.flush(force=True) is True
+    report = t2.finish("FINISHED")
+    assert report["lost_metrics"] == 0 and report["lost_artifacts"] == 0 and report["terminated"]
+    assert report["failures"] == t2.failures > 0
+    assert _steps(client, run_id, "loss") == list(range(1, 12))
+    assert _steps(client, run_id, "layer_tokens/3") == list(range(1, 12))
+    hist = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    assert hist[10] == pytest.approx(4.0)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted(f.path for f in client.list_artifacts(run_id)) == ["config.yaml", "extra"]
+    assert [f.path for f in client.list_artifacts(run_id, "extra")] == ["extra/late.txt"]
+    assert not (run_dir / "mlflow-unsent.jsonl").exists()
+
+
+def test_default_local_sqlite_store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "run"
+    t = Tracker(system_metrics=False)
+    run_id = t.start(run_dir, {"model": {"num_layers": 8}}, experiment="local", run_name="r")
+    assert t.tracking_uri == f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+    for step in (1, 2, 3):
+        t.log_metrics(step, {"loss": float(step)})
+    t.log_metrics(2, {"loss": 9.0})  # not increasing for this key: dropped
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    t.log_artifact(run_dir / "metrics.jsonl")
+    report = t.finish("KILLED")
+    assert report["skipped"] == 1 and report["lost_metrics"] == 0
+    client = MlflowClient(t.tracking_uri)
+    assert _steps(client, run_id, "loss") == [1, 2, 3]
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert client.get_run(run_id).data.params == {"model.num_layers": "8"}
+    assert (run_dir / "mlruns-artifacts").is_dir()
+    assert list((run_dir / "mlruns-artifacts").rglob("metrics.jsonl"))
+    assert t.last_logged_step() == 3
+
+
+def test_unreachable_store_reports_losses(tmp_path):
+    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens here
+    t = Tracker(buffer_size=4, system_metrics=False, finish_attempts=1)
+    t0 = time.monotonic()
+    assert t.start(tmp_path, {"a": {"b": 1}}, tracking_uri=url) is None  # does not raise
+    for step in range(1, 4):
+        t.log_metrics(step, {"loss": 1.0, "lr": 0.1})  # 6 metrics into a buffer of 4
+    report = t.finish("FAILED")
+    assert time.monotonic() - t0 < 10
+    assert t.failures >= 1
+    assert report["lost_metrics"] == 6 and report["run_id"] is None and not report["terminated"]
+    unsent = list(read_unsent(tmp_path / "mlflow-unsent.jsonl"))
+    assert [(u["key"], u["step"]) for u in unsent] == [("loss", 2), ("lr", 2), ("loss", 3), ("lr", 3)]
+
+
+def test_helpers_and_null_tracker():
+    flat = flatten_config({"model": {"arch": "mor", "capacity": None}, "run": {"x": "y" * 600}})
+    assert flat == {"model.arch": "mor", "model.capacity": "None", "run.x": "y" * 500}
+    items = dict(metric_items({"step": 3, "loss": 1, "ok": True, "name": "x", "v": [1, 2],
+                               "bad key!": 2.0}))
+    assert items == {"loss": 1.0, "ok": 1.0, "v/0": 1.0, "v/1": 2.0, "bad key_": 2.0}
+    n = NullTracker()
+    assert n.start(Path("."), {}, None, "e", "r", None) is None
+    n.log_metrics(1, {"loss": 1.0})
+    n.log_artifact("nowhere")
+    n.set_tags({"a": 1})
+    assert n.finish("FINISHED")["lost_metrics"] == 0 and n.failures == 0
