@@ -98,6 +98,8 @@ def main(argv=None) -> int:
 
     from megamor.data.commands import add_parsers  # `tokenizer ...` and `data ...`
     add_parsers(sub)
+    from megamor.commands import add_parsers as add_model_parsers  # `depth-map`
+    add_model_parsers(sub)
 
     # Overrides may come before or after options (`pretrain x.y=1 --resume auto z.w=2`).
     args, extra = ap.parse_known_args(argv)

@@ -123,6 +123,7 @@ class DataConfig:
     tokenizer: Optional[str] = None  # tokenizer dir/file; default: the dataset's
     tokenizer_vocab_size: int = 1024  # used when training the builtin tokenizer
     seed: int = 1234
+    on_corrupt: str = "error"  # error | skip (skip a corrupt shard, loudly, and count it)
 
 
 @dataclass
@@ -139,6 +140,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """MLflow tracking from rank 0; failures never stop training (docs/tracking.md)."""
+
+    enabled: bool = True
+    tracking_uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else SQLite in the run dir
+    experiment: str = "megamor"
+    run_name: Optional[str] = None
+    peak_flops: Optional[float] = None  # per device, for MFU; default: GPU datasheet / CPU measured
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/default"
 
@@ -151,6 +163,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
@@ -438,6 +451,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"train.decay_fraction={t.decay_fraction} must be in [0, 1]")
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise ConfigError(f"train.lr={t.lr} / train.min_lr={t.min_lr}: need 0 <= min_lr <= lr")
+    _choice(cfg.data.on_corrupt, ("error", "skip"), "data.on_corrupt")
+    if cfg.data.path != "builtin":
+        from megamor.data import parse_data_spec
+        try:
+            parse_data_spec(cfg.data.path)
+        except ValueError as e:
+            raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
     c = cfg.checkpoint
     for name in ("save_interval", "keep_last", "keep_every"):
         if getattr(c, name) < 0:

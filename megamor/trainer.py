@@ -22,13 +22,22 @@ import torch.distributed as dist
 
 from megamor import parallel
 from megamor.config import Config, save_config
-from megamor.data import GlobalBatchSampler, ShardedTokenDataset, get_batch
+from megamor.data import GlobalBatchSampler, get_batch
 from megamor.model import build_stage, padded_vocab_size, plan_for, transformer_config
 from megamor.model.mor_model import MEAN_STATS
+from megamor.flops import flops_per_step, mfu, peak_flops_per_device
+from megamor.tracking import create_tracker
 from megamor.checkpoint import EXIT_PREEMPTED, OPTIMIZER_FORMAT, Checkpointer, resolve_resume
 from megamor.shims import install_cpu_shims, install_torch_adam_fixes, seed_model_parallel_rng
 
 PREEMPTED_MARKER = "preempted.json"  # written by rank 0 when a signal made the run save and stop
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class Preempted(SystemExit):
@@ -65,21 +74,23 @@ def resolve_precision(cfg: Config, device: torch.device) -> tuple[torch.dtype, b
 
 
 def open_dataset(cfg: Config):
-    """The prepared shards to train on (building the embedded corpus on first use)."""
+    """The tokenizer and the training samples: one prepared dataset, a weighted blend
+    (`data.path="0.7:/a,0.3:/b"`), or the embedded corpus (built on first use)."""
     from tokenizer import load_tokenizer
-    from megamor.data import builtin_dataset_root, ensure_builtin_dataset
+    from megamor.data import (builtin_dataset_root, ensure_builtin_dataset, open_training_data,
+                              parse_data_spec)
 
     if cfg.data.path == "builtin":
         base = Path(os.path.expanduser(cfg.data.builtin_root))
         root = builtin_dataset_root(base, cfg.model.seq_length, cfg.data.tokenizer_vocab_size)
         ensure_builtin_dataset(root, cfg.model.seq_length, cfg.data.tokenizer_vocab_size)
+        spec = str(root)
     else:
-        root = Path(cfg.data.path)
-    tok_path = cfg.data.tokenizer or root / "tokenizer"
-    tok = load_tokenizer(tok_path)
-    train = ShardedTokenDataset(root, "train", expect_seq_length=cfg.model.seq_length,
-                                expect_fingerprint=tok.fingerprint)
-    return root, tok, train
+        spec = cfg.data.path
+    tok = load_tokenizer(cfg.data.tokenizer or Path(parse_data_spec(spec)[0].path) / "tokenizer")
+    train = open_training_data(spec, cfg.model.seq_length, tok.fingerprint, seed=cfg.data.seed,
+                               on_corrupt=cfg.data.on_corrupt)
+    return tok, train
 
 
 class Trainer:
@@ -95,7 +106,7 @@ class Trainer:
         cfg.validate(world_size=self.dims.world_size)
         torch.manual_seed(cfg.train.seed)
         seed_model_parallel_rng(cfg.train.seed, self.dims.tp_rank)
-        self.data_root, self.tokenizer, self.dataset = open_dataset(cfg)
+        self.tokenizer, self.dataset = open_dataset(cfg)
         vocab = cfg.model.vocab_size or self.tokenizer.vocab_size
         self.vocab_size = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by,
                                             p.tensor_model_parallel_size)
@@ -114,6 +125,11 @@ class Trainer:
         self.resumed_from = resolve_resume(ck.resume, self.checkpoint_root)
         if self.resumed_from is not None:
             self.checkpointer.load(self, self.resumed_from)
+        self.tracker = create_tracker(cfg.tracking.enabled, self.dims.rank == 0)
+        precision = "fp8" if self.fp8 else ("bf16" if self.dtype == torch.bfloat16 else "fp32")
+        # Peak FLOP/s per device for MFU, on the logging rank only (the CPU figure is measured).
+        self.peak_flops = (peak_flops_per_device(precision, cfg.tracking.peak_flops)
+                           if self.dims.rank == 0 else None)
 
     @property
     def checkpoint_root(self) -> Path:
@@ -254,6 +270,14 @@ class Trainer:
         for l in self.plan.layers:
             if l.first_in_step:
                 out[f"frac/step{l.step}"] = layer_tokens[l.index] / total
+        # Throughput from a FLOPs model that charges each step for the tokens it processed.
+        fl = flops_per_step(cfg.model, self.plan, layer_tokens, cfg.model.seq_length,
+                            cfg.train.global_batch_size, self.vocab_size, cfg.routing)
+        out["flops"] = fl["total"]
+        out["tflops_per_device"] = fl["total"] / max(seconds, 1e-9) / dims.world_size / 1e12
+        if self.peak_flops:
+            out["mfu"] = mfu(fl["total"], seconds, dims.world_size, self.peak_flops)
+        out["memory/peak_gb"] = peak_memory_gb(self.device)
         return out
 
     # ------------------------------------------------------------------ checkpoint state
@@ -293,6 +317,19 @@ class Trainer:
         self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
         self.tracking_run_id = meta.get("tracking_run_id")
 
+    def router_warnings(self, m: dict) -> list[str]:
+        """Early warnings of router collapse from one step's (global) statistics."""
+        out = []
+        total = self.cfg.train.global_batch_size * self.cfg.model.seq_length
+        for k, v in m.items():
+            if k.startswith("router/depth") and k.endswith("/tokens") and v < 0.01 * total:
+                out.append(f"router collapse: {k.split('/')[1]} received {100 * v / total:.2f}% "
+                           f"of the tokens at step {m['step']}")
+            if k.endswith("sampling_acc") and m["step"] > 100 and v < 0.6:
+                out.append(f"{k}: threshold routing agrees with top-k on only {100 * v:.0f}% of "
+                           f"tokens at step {m['step']}; inference routing will differ")
+        return out
+
     # ------------------------------------------------------------------ signals
 
     def _on_signal(self, signum, frame) -> None:
@@ -314,6 +351,8 @@ class Trainer:
         if "router/balance_loss" in m:
             parts.append(f"bal {m['router/balance_loss']:.4f}")
         parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}", f"tok/s {m['tokens_per_s']:.0f}"]
+        if "mfu" in m:
+            parts.append(f"mfu {100 * m['mfu']:.1f}%")
         fr = [f"{m[k]:.2f}" for k in sorted(m) if k.startswith("frac/step")]
         if fr:
             parts.append("steps " + "/".join(fr))
@@ -341,6 +380,14 @@ class Trainer:
             log = self._open_metrics_log(out)
             if self.resumed_from is not None:
                 print(f"resumed from {self.resumed_from} at step {self.step}", flush=True)
+        t = cfg.tracking
+        self.tracking_run_id = self.tracker.start(
+            out, cfg.to_dict(), tracking_uri=t.tracking_uri, experiment=t.experiment,
+            run_name=t.run_name or out.name, run_id=self.tracking_run_id) or self.tracking_run_id
+        self.tracker.log_artifact(out / "config.yaml")
+        self.tracker.set_tags({"tokenizer_fingerprint": self.tokenizer.fingerprint,
+                               "layout": f"tp{self.dims.tp}-pp{self.dims.pp}-dp{self.dims.dp}"})
+        status = "FAILED"
         if cfg.checkpoint.save_on_signal:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGUSR1, self._on_signal)
@@ -353,8 +400,11 @@ class Trainer:
                 if log is not None:
                     log.write(json.dumps(m) + "\n")
                     log.flush()
+                    self.tracker.log_metrics(m["step"], m)
                     if m["step"] % cfg.train.log_interval == 0 or m["step"] == 1:
                         print(self.format_line(m), flush=True)
+                        for w in self.router_warnings(m):
+                            print(f"WARNING: {w}", flush=True)
                 self.checkpointer.poll()
                 if cfg.checkpoint.save_on_signal and self._signal_agreed():
                     path = self.checkpointer.save(self)
@@ -363,12 +413,18 @@ class Trainer:
                         print(f"signal received: saved {path} at step {self.step}; exiting with "
                               f"{EXIT_PREEMPTED}", flush=True)
                         (out / PREEMPTED_MARKER).write_text(json.dumps({"step": self.step, "checkpoint": str(path)}))
+                    status = "KILLED"
                     raise Preempted(self.step)
                 if interval and self.step % interval == 0 and self.step < cfg.train.train_steps:
                     self.checkpointer.save(self)
             self.checkpointer.save(self)
             self.checkpointer.wait()
+            status = "FINISHED"
         finally:
             if log is not None:
                 log.close()
+                self.tracker.log_artifact(out / "metrics.jsonl")
+            summary = self.tracker.finish(status)
+            if summary.get("failures") or summary.get("lost_metrics"):
+                print(f"tracking: {summary}", flush=True)
         return self.history

@@ -129,6 +129,14 @@ def test_sigusr1_saves_and_exits_then_resume_finishes(tmp_path, builtin_root):
     a, b = metrics(full), metrics(out)
     assert sorted(b) == list(range(1, 41))  # no step missing or duplicated across the restart
     assert b[40]["loss"] == a[40]["loss"]
+    # The resumed run continued the same MLflow run (its id travels in the checkpoint).
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    hist = client.get_metric_history(runs[0].info.run_id, "loss")
+    assert sorted(h.step for h in hist) == list(range(1, 41))
+    assert {h.step: h.value for h in hist}[40] == pytest.approx(a[40]["loss"])
 
 
 def test_kill_9_during_save_leaves_previous_checkpoint(tmp_path, builtin_root):
@@ -164,6 +172,15 @@ def test_bad_checkpoints_fail_clearly(tmp_path, builtin_root):
     good = tmp_path / "good"
     pretrain(good, builtin_root, 1, over)
     ckpt = good / "checkpoints" / "step_00000002"
+    # A good checkpoint loads in one process for inference tools: the depth map command.
+    dm = subprocess.run([sys.executable, "-m", "megamor.cli", "depth-map", str(good / "checkpoints"),
+                         "--text", "The for statement iterates over a sequence.", "--out",
+                         str(tmp_path / "dm"), "--width", "640"], capture_output=True, text=True)
+    assert dm.returncode == 0, dm.stderr[-3000:]
+    import matplotlib.image
+    img = matplotlib.image.imread(tmp_path / "dm" / "depth_map.png")
+    assert img.shape[1] == 640 and img.std() > 0.01
+    assert "mean depth" in dm.stdout and (tmp_path / "dm" / "depth_map.html").exists()
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_resume(str(tmp_path / "nowhere"), tmp_path)
     incomplete = tmp_path / "incomplete"

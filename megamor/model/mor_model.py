@@ -125,6 +125,7 @@ class MoRModel(LanguageModule):
         self.dp_group = dp_group
         self.capacities = routing_cfg.capacities(model_cfg.num_recursions)
         self.input_tensor = None
+        self.trace_routing = False
         self.aux_loss_scale = 1.0  # 1 / num_microbatches, set by the trainer
         h = config.hidden_size
         self.wire_channels = 2 * h + 2 if self.routed else h
@@ -195,6 +196,9 @@ class MoRModel(LanguageModule):
         # Host-side counters, summed over micro-batches until the trainer reads them.
         self.token_counts: dict[int, float] = {}  # unrolled layer index -> tokens processed
         self.stats: dict[str, Tensor] = {}
+        # Routing decisions of the last forward, when `trace_routing` is set: step -> [s, b]
+        # active mask (expert-choice) or depth (token-choice). For depth maps.
+        self.routing_trace: dict[int, Tensor] = {}
 
     def stat_keys(self) -> list[str]:
         """Names of every router statistic of the whole model (any stage may hold any of them),
@@ -331,6 +335,8 @@ class MoRModel(LanguageModule):
             state.active = depth.to(x.dtype)
             state.gate = gate
         self._gather(state, step)
+        if self.trace_routing:
+            self.routing_trace[step] = state.active.detach().clone()
 
     def _end_step(self, state: StageState, step: int) -> None:
         tok, y = state.tokens, state.xg

@@ -1,0 +1,61 @@
+"""A checkpoint as one single-process model (any saved layout), for inference-side tools:
+depth maps now, Hugging Face export and evaluation later."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megamor.checkpoint import CheckpointError, check_model_shape, read_meta, resolve_resume, verify_files
+
+
+def load_for_inference(path: str | Path):
+    """-> (model in eval mode, resolved config, tokenizer). Runs in a world of one process."""
+    from megatron.core import dist_checkpointing
+
+    from megamor import parallel
+    from megamor.config import load_config
+    from megamor.model import build_stage, padded_vocab_size, transformer_config
+    from megamor.shims import install_cpu_shims, seed_model_parallel_rng
+    from tokenizer import load_tokenizer
+
+    ckpt = resolve_resume(str(path), Path(path))
+    meta = read_meta(ckpt)
+    cfg = load_config(ckpt / "config.yaml", [
+        "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
+        "parallel.data_parallel_size=1", "parallel.pipeline_layers=null"])
+    check_model_shape(meta, cfg.model, ckpt)
+    verify_files(ckpt)
+    install_cpu_shims()
+    parallel.initialize(1, 1, torch.device("cpu"))
+    seed_model_parallel_rng(cfg.train.seed, 0)
+    tok = load_tokenizer(ckpt / "tokenizer")
+    vocab = padded_vocab_size(cfg.model.vocab_size or tok.vocab_size,
+                              cfg.model.make_vocab_size_divisible_by, 1)
+    model = build_stage(cfg, transformer_config(cfg, torch.float32), vocab, 0, cfg.train.seed)
+    try:
+        loaded = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt))
+    except Exception as e:
+        raise CheckpointError(f"{ckpt}: cannot load the model: {type(e).__name__}: {e}") from e
+    loaded.pop("optimizer", None)  # common (non-sharded) optimizer state comes back too
+    model.load_state_dict(loaded, strict=True)
+    model.eval()
+    return model, cfg, tok
+
+
+def routing_depths(model, token_ids: list[int]) -> list[int]:
+    """Recursion depth each token reaches under inference (threshold) routing."""
+    from megamor.depth_map import depth_per_token
+
+    if model.mcfg.arch != "mor":
+        n = model.mcfg.num_recursions if model.mcfg.arch == "recursive" else 0
+        return [n] * len(token_ids)
+    model.trace_routing, model.routing_trace = True, {}
+    with torch.no_grad():
+        model(input_ids=torch.tensor([token_ids]))
+    model.trace_routing = False
+    trace = model.routing_trace
+    if model.rcfg.type == "token_choice":
+        return depth_per_token(depths=trace[1][:, 0].round().long())
+    return depth_per_token(step_masks=[trace[r][:, 0] > 0.5 for r in sorted(trace)])
