@@ -100,6 +100,8 @@ def main(argv=None) -> int:
     add_parsers(sub)
     from megamor.commands import add_parsers as add_model_parsers  # `depth-map`
     add_model_parsers(sub)
+    from launch.slurm import add_parsers as add_launch_parsers  # `launch` (Slurm / torchrun)
+    add_launch_parsers(sub)
 
     # Overrides may come before or after options (`pretrain x.y=1 --resume auto z.w=2`).
     args, extra = ap.parse_known_args(argv)

@@ -94,6 +94,21 @@ def test_resume_on_other_layouts(tmp_path, builtin_root):
             assert got[s]["layer_tokens"] == ref[s]["layer_tokens"], (name, s)  # same batches
 
 
+@pytest.mark.parametrize("arch", ["vanilla", "recursive"])
+def test_baselines_resume_on_another_layout(tmp_path, builtin_root, arch):
+    over = [f"model.arch={arch}", "train.train_steps=4", "checkpoint.save_interval=2",
+            "train.micro_batch_size=2"]
+    full = tmp_path / "tp2pp2"
+    pretrain(full, builtin_root, 4, over + ["parallel.tensor_model_parallel_size=2",
+                                           "parallel.pipeline_model_parallel_size=2"])
+    out = tmp_path / "dp2"
+    resume_copy(full, out, 2)
+    pretrain(out, builtin_root, 2, over, resume="auto")
+    ref, got = metrics(full), metrics(out)
+    for s in (3, 4):
+        assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-5), s
+
+
 def _wait_for_line(proc, text, timeout=300):
     deadline = time.time() + timeout
     seen = []

@@ -1,0 +1,146 @@
+# megamor Slurm helper: what the pretrain_*.sh batch scripts have in common. Sourced, not run.
+#
+# The script sets MEGAMOR_PRESET and its defaults (DEFAULT_TP, DEFAULT_PP, DEFAULT_PRECISION,
+# DEFAULT_MBS, DEFAULT_GBS) and calls `megamor_batch "$@"`, which:
+#   1. loads modules / a virtualenv, sets NCCL and threading variables (all overridable);
+#   2. runs the preflight (`python -m launch.slurm --check`): node list, rendezvous address,
+#      config and parallel layout against nodes x tasks per node; a failure exits 2, no srun;
+#   3. starts one `srun` (optionally in a pyxis/enroot container) running
+#      `python -m launch.slurm -- pretrain --resume auto ...` per task;
+#   4. forwards USR1/TERM from the batch shell (`--signal=B:USR1@N`, `scancel --signal=USR1
+#      --batch`) to the srun step, whose tasks save a checkpoint and exit 75;
+#   5. on exit 75 (or a fresh preempted.json) runs `scontrol requeue $SLURM_JOB_ID`: the job
+#      queues again and the next run resumes from the newest checkpoint.
+# Environment overrides (MEGAMOR_*) are listed in docs/cluster.md.
+
+megamor_log() { echo "[megamor $(date -u +%H:%M:%S)] $*"; }
+
+megamor_find_home() {
+  local c
+  for c in "${MEGAMOR_HOME:-}" "${SLURM_SUBMIT_DIR:-}" "${SLURM_SUBMIT_DIR:-.}/.." "$PWD"; do
+    if [ -n "$c" ] && [ -f "$c/launch/slurm.py" ]; then (cd "$c" && pwd); return 0; fi
+  done
+  echo "megamor: cannot find the megamor checkout; set MEGAMOR_HOME (or submit from it)" >&2
+  return 1
+}
+
+megamor_batch() {
+  set -u
+  MEGAMOR_HOME=$(megamor_find_home) || exit 2
+  cd "$MEGAMOR_HOME"
+
+  # --- software: modules, virtualenv -------------------------------------------------------
+  if [ -n "${MEGAMOR_MODULES:-}" ]; then
+    if ! type module >/dev/null 2>&1; then
+      [ -f /etc/profile.d/modules.sh ] && . /etc/profile.d/modules.sh
+      [ -f /etc/profile.d/lmod.sh ] && . /etc/profile.d/lmod.sh
+    fi
+    # shellcheck disable=SC2086
+    module load $MEGAMOR_MODULES || { echo "megamor: module load $MEGAMOR_MODULES failed" >&2; exit 2; }
+  fi
+  if [ -n "${MEGAMOR_VENV:-}" ]; then
+    # shellcheck disable=SC1091
+    . "$MEGAMOR_VENV/bin/activate" || { echo "megamor: cannot activate $MEGAMOR_VENV" >&2; exit 2; }
+  fi
+  local py=${MEGAMOR_PYTHON:-python3}
+
+  # --- allocation -> layout ---------------------------------------------------------------
+  local nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+  local gpn=${MEGAMOR_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
+  local tpn=${MEGAMOR_NTASKS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-$gpn}}
+  [ "$tpn" -ge 1 ] 2>/dev/null || tpn=1
+  local ntasks=${MEGAMOR_NTASKS:-${SLURM_NTASKS:-$((nodes * tpn))}}
+  local tp=${MEGAMOR_TP:-$DEFAULT_TP} pp=${MEGAMOR_PP:-$DEFAULT_PP}
+  local precision=${MEGAMOR_PRECISION:-$DEFAULT_PRECISION}
+  local device=cuda backend=${MEGAMOR_BACKEND:-auto}
+  if [ "$gpn" = 0 ]; then  # CPU allocation: gloo, fp32, megatron's local layers
+    device=cpu; precision=${MEGAMOR_PRECISION:-fp32}; backend=${MEGAMOR_BACKEND:-local}
+  fi
+  local out=${MEGAMOR_OUTPUT_DIR:-$MEGAMOR_HOME/runs/${SLURM_JOB_NAME:-megamor}-${SLURM_JOB_ID:-0}}
+
+  # --- environment: NCCL, threads ----------------------------------------------------------
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+  export MKL_NUM_THREADS=${MKL_NUM_THREADS:-$OMP_NUM_THREADS}
+  export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+  if [ "$device" = cuda ]; then
+    export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # megatron TP overlap
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+    export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+    export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
+    export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-1}
+    # NCCL_SOCKET_IFNAME / NCCL_IB_HCA: set them in the environment when the default
+    # interface choice is wrong on your fabric; they pass through srun unchanged.
+  fi
+
+  local args=(pretrain --resume auto "model.preset=$MEGAMOR_PRESET"
+              "parallel.tensor_model_parallel_size=$tp" "parallel.pipeline_model_parallel_size=$pp"
+              "train.device=$device" "train.precision=$precision" "model.backend=$backend"
+              "train.micro_batch_size=${MEGAMOR_MBS:-$DEFAULT_MBS}"
+              "train.global_batch_size=${MEGAMOR_GBS:-$DEFAULT_GBS}"
+              "run.output_dir=$out")
+  [ -n "${MEGAMOR_CONFIG:-}" ] && args=(pretrain --config "$MEGAMOR_CONFIG" "${args[@]:1}")
+  args+=("$@")  # the user's overrides win
+
+  megamor_log "job ${SLURM_JOB_ID:-none} restart ${SLURM_RESTART_COUNT:-0}: $nodes node(s) x $tpn task(s), preset $MEGAMOR_PRESET, tp $tp pp $pp, $device/$precision, output $out"
+
+  # --- preflight: one clear error before any rank starts -----------------------------------
+  MEGAMOR_WORLD_SIZE=$ntasks "$py" -m launch.slurm --check --world-size "$ntasks" -- "${args[@]}" \
+    || { megamor_log "preflight failed; not starting srun"; exit 2; }
+
+  local srun_opts=(--ntasks="$ntasks" --ntasks-per-node="$tpn" --kill-on-bad-exit=0)
+  [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+  if [ -n "${MEGAMOR_CONTAINER_IMAGE:-}" ]; then  # pyxis / enroot
+    srun_opts+=(--container-image="$MEGAMOR_CONTAINER_IMAGE"
+                --container-mounts="${MEGAMOR_CONTAINER_MOUNTS:-$MEGAMOR_HOME:$MEGAMOR_HOME}"
+                --container-workdir="$MEGAMOR_HOME")
+  fi
+  # shellcheck disable=SC2206
+  [ -n "${MEGAMOR_SRUN_ARGS:-}" ] && srun_opts+=($MEGAMOR_SRUN_ARGS)
+  if [ "${MEGAMOR_DRY_RUN:-0}" = 1 ]; then
+    echo "srun ${srun_opts[*]} $py -m launch.slurm -- ${args[*]}"
+    return 0
+  fi
+
+  # --- run, forward signals, requeue on a signal checkpoint --------------------------------
+  local stamp; stamp=$(mktemp "${TMPDIR:-/tmp}/megamor-start.XXXXXX")
+  MEGAMOR_GOT_TERM=0 MEGAMOR_GOT_USR1=0
+  srun "${srun_opts[@]}" "$py" -m launch.slurm -- "${args[@]}" &
+  MEGAMOR_SRUN_PID=$!
+  trap 'MEGAMOR_GOT_USR1=1; megamor_log "USR1: asking the ranks to checkpoint"; kill -USR1 $MEGAMOR_SRUN_PID 2>/dev/null' USR1
+  trap 'MEGAMOR_GOT_TERM=1; megamor_log "TERM: asking the ranks to checkpoint"; kill -TERM $MEGAMOR_SRUN_PID 2>/dev/null' TERM
+  local rc
+  local again
+  while :; do
+    wait "$MEGAMOR_SRUN_PID"; rc=$?
+    # > 128: a trapped signal interrupted `wait`; keep waiting while srun runs.
+    if [ "$rc" -gt 128 ] && kill -0 "$MEGAMOR_SRUN_PID" 2>/dev/null; then continue; fi
+    if [ "$rc" -gt 128 ]; then
+      wait "$MEGAMOR_SRUN_PID" 2>/dev/null; again=$?
+      [ "$again" != 127 ] && rc=$again
+    fi
+    break
+  done
+  trap - USR1 TERM
+  if [ "$rc" != 75 ] && [ "$out/preempted.json" -nt "$stamp" ]; then rc=75; fi
+  if [ "$rc" != 0 ] && [ "$rc" != 75 ] && [ "$MEGAMOR_GOT_USR1" = 1 ] && [ "$rc" -gt 128 ]; then
+    # USR1 arrived before the ranks installed their handler (start-up): no new checkpoint,
+    # but the job was still asked to make room; requeue and resume from the last one.
+    megamor_log "srun ended by the signal ($rc) before a checkpoint; requeueing anyway"
+    rc=75
+  fi
+  rm -f "$stamp"
+  megamor_log "srun exited with $rc"
+  if [ -f "$out/checkpoints/latest" ]; then
+    megamor_log "latest checkpoint: $out/checkpoints/$(cat "$out/checkpoints/latest")"
+  fi
+  if [ "$rc" = 75 ]; then
+    if [ "$MEGAMOR_GOT_TERM" = 1 ] || [ "${MEGAMOR_REQUEUE:-1}" = 0 ] || [ -z "${SLURM_JOB_ID:-}" ]; then
+      megamor_log "checkpoint saved; not requeueing (resume with --resume auto)"
+      exit 75
+    fi
+    megamor_log "checkpoint saved on a signal: scontrol requeue $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID" || { megamor_log "requeue failed"; exit 75; }
+    exit 75
+  fi
+  exit "$rc"
+}
