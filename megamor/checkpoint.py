@@ -121,6 +121,18 @@ def check_model_shape(meta: dict, model_cfg, path: Path) -> None:
                               + "; ".join(diffs))
 
 
+def _async_strategy_kwargs(save_fn) -> dict:
+    """megatron-core >= 0.19 defaults async saves to NVIDIA Resiliency Extension; use it when
+    installed, else megatron's own writer (0.16 has only that one and no such argument)."""
+    import importlib.util
+    import inspect
+
+    if "async_strategy" not in inspect.signature(save_fn).parameters:
+        return {}
+    has_nvrx = importlib.util.find_spec("nvidia_resiliency_ext") is not None
+    return {"async_strategy": "nvrx" if has_nvrx else "mcore"}
+
+
 class Checkpointer:
     """Saves and loads the trainer's state; every rank calls `save`/`load` together."""
 
@@ -169,7 +181,8 @@ class Checkpointer:
                 if isinstance(sh, ShardedTensor) and sh.data.device.type == "cpu":
                     sh.data = sh.data.detach().clone()
             queue = AsyncCallsQueue()
-            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True,
+                                              **_async_strategy_kwargs(dist_checkpointing.save))
             request.add_finalize_fn(publish)
             queue.schedule_async_request(request)
             self._pending = queue

@@ -96,6 +96,11 @@ def open_dataset(cfg: Config):
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self._signal: Optional[int] = None
+        if cfg.checkpoint.save_on_signal:
+            # Installed first: a signal during start-up is honoured after the first step.
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGUSR1, self._on_signal)
         self.device = resolve_device(cfg)
         if self.device.type == "cpu":
             install_cpu_shims()
@@ -119,7 +124,6 @@ class Trainer:
         self.consumed_samples = 0
         self.history: list[dict] = []
         self.tracking_run_id: Optional[str] = None
-        self._signal: Optional[int] = None
         ck = cfg.checkpoint
         self.checkpointer = Checkpointer(self.checkpoint_root, ck.keep_last, ck.keep_every, ck.async_save)
         self.resumed_from = resolve_resume(ck.resume, self.checkpoint_root)
@@ -388,9 +392,6 @@ class Trainer:
         self.tracker.set_tags({"tokenizer_fingerprint": self.tokenizer.fingerprint,
                                "layout": f"tp{self.dims.tp}-pp{self.dims.pp}-dp{self.dims.dp}"})
         status = "FAILED"
-        if cfg.checkpoint.save_on_signal:
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGUSR1, self._on_signal)
         interval = cfg.checkpoint.save_interval
         try:
             while self.step < cfg.train.train_steps:

@@ -5,8 +5,8 @@
 # Layout: 8 node(s) x 8 GPUs = 64 ranks, tp 2 x pp 1 -> dp 32; fp8; micro-batch 4, global batch 256
 #   sequences of 2048 tokens (~0.5M tokens per step).
 # Why: at 1.7B with seq 2048 the activations of the looped shared block dominate memory; tp 2
-# inside a node (NVLink) halves them and lets micro-batch 4 fit, while pp stays 1 (MoR's
-# routed steps make pipeline stages uneven and add a bubble). FP8: hidden 2048 / ffn 8192
+# inside a node (NVLink) halves them and lets micro-batch 4 fit, while pp stays 1 (a pipeline
+# adds a bubble and copies of the shared block on its stages; see docs/architecture.md). FP8: hidden 2048 / ffn 8192
 # GEMMs gain most from FP8 tensor cores; fp32 master weights keep training stable.
 # Every #SBATCH line can be overridden on the sbatch command line (or by slurm/submit.sh from
 # MEGAMOR_NODES, MEGAMOR_PARTITION, MEGAMOR_TIME, ...); everything below from MEGAMOR_* variables
