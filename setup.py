@@ -32,11 +32,16 @@ setup(
         # GPU path: Transformer Engine (FP8, fused kernels) and flash attention; NVIDIA's fused
         # kernels package is built from source on the cluster, never from PyPI (see README).
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
-        "hf": ["transformers", "safetensors"],
+        # `megamor convert` / exports (transformers 5 API for the shipped MoR modeling code).
+        "hf": ["transformers>=5.0", "safetensors>=0.4"],
+        # `megamor eval --tasks`: few-shot accuracy of an export through lm-evaluation-harness
+        # (its "hf" model backend imports accelerate).
+        "eval": ["lm_eval>=0.4.8", "accelerate>=0.26", "transformers>=5.0", "safetensors>=0.4"],
         "deepspeed": ["deepspeed"],
         # `megamor data prepare` inputs: .parquet, .zst, `datasets` saved with save_to_disk.
         "data": ["pyarrow>=14", "zstandard>=0.20", "datasets>=2.14"],
-        "dev": ["pytest", "pyarrow>=14", "zstandard>=0.20", "datasets>=2.14"],
+        "dev": ["pytest", "pyarrow>=14", "zstandard>=0.20", "datasets>=2.14",
+                "transformers>=5.0", "safetensors>=0.4", "lm_eval>=0.4.8", "accelerate>=0.26"],
     },
     entry_points={"console_scripts": ["megamor=megamor.cli:main"]},
 )

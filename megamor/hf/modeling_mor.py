@@ -1,0 +1,462 @@
+"""Mixture-of-Recursions causal LM for transformers, with recursion-wise KV caching.
+
+Shipped inside every MoR / recursive export of megamor (`megamor convert to-hf`), loaded with
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`; imports only torch and
+transformers. It computes what megamor's megatron model computes in eval mode (MOR_SPEC.md):
+
+- the unrolled network runs unique layers in the order of `config.layer_unique`; `layer_step`
+  gives each unrolled layer's recursion step (0 = prelude / coda / vanilla layer);
+- routing is causal (no look-ahead): expert-choice continues a token to step r when the step's
+  router (or its auxiliary router) gives sigmoid(logit) >= 0.5, among the tokens that reached
+  step r-1 (a step of capacity 1 keeps them all); token-choice picks each token's depth from its
+  hidden state after the first layer. Selected tokens are updated H <- H + g * f(H)
+  (expert-choice) or exit with H^1 + g * f(...) (token-choice);
+- each step runs only on the tokens that reached it: they are gathered (sequences with no
+  active token are dropped from the batch), attend causally among the tokens active at that
+  step, with RoPE at their original positions;
+- recursion-wise KV cache: every unrolled layer caches K/V of only the tokens it processed, and
+  its queries see only those entries; with recursive KV sharing the layers of steps > 1 cache
+  nothing and read the K/V of step 1's layer in the same slot (all tokens).
+
+Without a cache (use_cache=False) the same code runs with a throw-away cache, so cached decoding
+and full recomputation follow one definition. Padding (attention_mask == 0, left or right) is
+never processed and never cached; positions count real tokens only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_mor import MoRConfig
+
+_CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) \
+    else "past_key_values"
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+class RecursionKVCache:
+    """Per unrolled layer: K/V of the tokens that layer processed, with their positions.
+
+    k[l], v[l]: [batch, capacity, kv_heads, head_dim]; pos[l]: [batch, capacity] original
+    positions; length[l]: [batch] valid entries per sequence. Sequences grow independently
+    (a token skipped by a recursion step adds nothing there). Layers that read another layer's
+    K/V (recursive KV sharing) own no entries.
+    """
+
+    def __init__(self, num_layers: int):
+        self.k: list = [None] * num_layers
+        self.v: list = [None] * num_layers
+        self.pos: list = [None] * num_layers
+        self.length: list = [None] * num_layers
+        self.seen = 0  # columns of input already consumed (including padding)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def append(self, layer: int, batch: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               pos: torch.Tensor, valid: torch.Tensor) -> None:
+        """rows [m]: batch rows of the gathered sequences; k, v [m, t, G, d]; pos, valid [m, t]."""
+        if self.k[layer] is None:
+            m, t, g, d = k.shape
+            self.k[layer] = k.new_zeros(batch, 0, g, d)
+            self.v[layer] = v.new_zeros(batch, 0, g, d)
+            self.pos[layer] = pos.new_zeros(batch, 0)
+            self.length[layer] = pos.new_zeros(batch)
+        start = self.length[layer][rows]  # [m]
+        added = valid.sum(1)
+        need = int((start + added).max())
+        cap = self.k[layer].shape[1]
+        if need > cap:
+            new = max(need, cap + max(64, cap // 2))
+            self.k[layer] = self._grow(self.k[layer], new)
+            self.v[layer] = self._grow(self.v[layer], new)
+            self.pos[layer] = self._grow(self.pos[layer], new)
+        slot = start.unsqueeze(1) + valid.long().cumsum(1) - 1
+        r = rows.unsqueeze(1).expand_as(slot)[valid]
+        c = slot[valid]
+        self.k[layer][r, c] = k[valid]
+        self.v[layer][r, c] = v[valid]
+        self.pos[layer][r, c] = pos[valid]
+        self.length[layer][rows] = start + added
+
+    @staticmethod
+    def _grow(t: torch.Tensor, cap: int) -> torch.Tensor:
+        out = t.new_zeros((t.shape[0], cap) + tuple(t.shape[2:]))
+        out[:, : t.shape[1]] = t
+        return out
+
+    def entries(self, layer: int, rows: torch.Tensor):
+        """-> K, V [m, n, G, d], positions [m, n], valid [m, n] for the given batch rows."""
+        length = self.length[layer][rows]
+        n = int(length.max())
+        valid = torch.arange(n, device=length.device).unsqueeze(0) < length.unsqueeze(1)
+        return (self.k[layer][rows, :n], self.v[layer][rows, :n], self.pos[layer][rows, :n], valid)
+
+    def num_entries(self) -> int:
+        """K/V entries stored (tokens x layers, summed over the batch)."""
+        return int(sum(int(l.sum()) for l in self.length if l is not None))
+
+    def nbytes(self, allocated: bool = False) -> int:
+        """Bytes of K and V: of the stored entries, or of the allocated buffers."""
+        total = 0
+        for k, length in zip(self.k, self.length):
+            if k is None:
+                continue
+            per_entry = 2 * k.shape[2] * k.shape[3] * k.element_size()
+            total += per_entry * (k.shape[0] * k.shape[1] if allocated else int(length.sum()))
+        return total
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        for store in (self.k, self.v, self.pos, self.length):
+            for i, t in enumerate(store):
+                if t is not None:
+                    store[i] = t.index_select(0, beam_idx.to(t.device))
+
+
+# ----------------------------------------------------------------------------- active tokens
+
+
+class ActiveTokens:
+    """The tokens a layer processes, gathered per sequence in causal order.
+
+    rows [m]: batch rows with at least one active token (the others are skipped entirely);
+    idx [m, t]: their columns (padding slots point at column 0); valid [m, t].
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        counts = mask.sum(1)
+        self.rows = counts.nonzero().squeeze(1)
+        self.m = int(self.rows.numel())
+        self.shape = mask.shape
+        if self.m == 0:
+            return
+        sub, c = mask[self.rows], counts[self.rows]
+        t = int(c.max())
+        q = mask.shape[1]
+        cols = torch.arange(q, device=mask.device).expand_as(sub)
+        order = torch.where(sub, cols, cols + q).argsort(dim=1)[:, :t]
+        self.valid = torch.arange(t, device=mask.device).unsqueeze(0) < c.unsqueeze(1)
+        self.idx = torch.where(self.valid, order, torch.zeros_like(order))
+        self.all = self.m == mask.shape[0] and t == q and bool(self.valid.all())
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        if self.all:
+            return x
+        return x[self.rows.unsqueeze(1), self.idx]
+
+    def scatter(self, base: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """base [b, q, ...] with the active entries replaced by y [m, t, ...] (out of place)."""
+        if self.all:
+            return y
+        out = base.clone()
+        r = self.rows.unsqueeze(1).expand_as(self.idx)[self.valid]
+        out[r, self.idx[self.valid]] = y[self.valid]
+        return out
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class MoRRMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def _rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotate-half RoPE: x [m, t, heads, d] at positions pos [m, t]."""
+    d = x.shape[-1]
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d))
+    ang = pos.to(torch.float32).unsqueeze(-1) * inv
+    emb = torch.cat([ang, ang], dim=-1).unsqueeze(2)  # [m, t, 1, d]
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class MoRAttention(nn.Module):
+    def __init__(self, config: MoRConfig):
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.heads, self.groups, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
+        self.rope_base = config.rotary_base
+        self.q_proj = nn.Linear(h, self.heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.groups * d, bias=False)
+        self.v_proj = nn.Linear(h, self.groups * d, bias=False)
+        self.o_proj = nn.Linear(self.heads * d, h, bias=False)
+
+    def forward(self, x, tokens: ActiveTokens, pos, cache: RecursionKVCache, write: int | None,
+                read: int):
+        """x [m, t, h] gathered tokens at positions pos [m, t]. Writes this layer's K/V into
+        cache slot `write` (None: computes no K/V) and attends to the entries of slot `read`."""
+        m, t, _ = x.shape
+        q = _rope(self.q_proj(x).view(m, t, self.heads, self.head_dim), pos, self.rope_base)
+        if write is not None:
+            k = _rope(self.k_proj(x).view(m, t, self.groups, self.head_dim), pos, self.rope_base)
+            v = self.v_proj(x).view(m, t, self.groups, self.head_dim)
+            cache.append(write, tokens.shape[0], tokens.rows, k, v, pos, tokens.valid)
+        k, v, kpos, kvalid = cache.entries(read, tokens.rows)
+        allowed = kvalid.unsqueeze(1) & (kpos.unsqueeze(1) <= pos.unsqueeze(2))  # [m, t, n]
+        allowed = allowed | ~tokens.valid.unsqueeze(2)  # padding queries: anything (discarded)
+        rep = self.heads // self.groups
+        k = k.transpose(1, 2).repeat_interleave(rep, dim=1)  # [m, H, n, d]
+        v = v.transpose(1, 2).repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=allowed.unsqueeze(1))
+        return self.o_proj(out.transpose(1, 2).reshape(m, t, self.heads * self.head_dim))
+
+
+class MoRMLP(nn.Module):
+    def __init__(self, config: MoRConfig):
+        super().__init__()
+        h, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, f, bias=False)
+        self.up_proj = nn.Linear(h, f, bias=False)
+        self.down_proj = nn.Linear(f, h, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoRDecoderLayer(nn.Module):
+    """Pre-norm Llama layer; f(H) includes the residual connections."""
+
+    def __init__(self, config: MoRConfig):
+        super().__init__()
+        self.input_layernorm = MoRRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MoRAttention(config)
+        self.post_attention_layernorm = MoRRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoRMLP(config)
+
+    def forward(self, x, tokens, pos, cache, write, read):
+        x = x + self.self_attn(self.input_layernorm(x), tokens, pos, cache, write, read)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ExpertChoiceRouter(nn.Module):
+    def __init__(self, hidden_size: int, aux_router: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, hidden_size))
+        self.aux = None
+        if aux_router:
+            self.aux = nn.Sequential(nn.Linear(hidden_size, hidden_size // 2, bias=False), nn.SiLU(),
+                                     nn.Linear(hidden_size // 2, 1, bias=False))
+
+
+class TokenChoiceRouter(nn.Module):
+    def __init__(self, hidden_size: int, num_recursions: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_recursions, hidden_size))
+        self.register_buffer("bias", torch.zeros(num_recursions))  # loss-free balancing bias
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class MoRPreTrainedModel(PreTrainedModel):
+    config_class = MoRConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["MoRDecoderLayer"]
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, std)
+        elif isinstance(module, MoRRMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, (ExpertChoiceRouter, TokenChoiceRouter)):
+            nn.init.normal_(module.weight, 0.0, std)
+            if isinstance(module, TokenChoiceRouter):
+                module.bias.zero_()
+
+
+class MoRModel(MoRPreTrainedModel):
+    def __init__(self, config: MoRConfig):
+        super().__init__(config)
+        h = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, h)
+        self.layers = nn.ModuleList(MoRDecoderLayer(config) for _ in range(config.num_unique_layers))
+        self.norm = MoRRMSNorm(h, config.rms_norm_eps)
+        self.routed = config.arch == "mor"
+        self.routers = nn.ModuleDict()
+        if self.routed and config.router_type == "expert_choice":
+            for r in range(1, config.num_recursions + 1):
+                self.routers[str(r)] = ExpertChoiceRouter(h, config.causal_routing == "aux_router")
+        elif self.routed:
+            self.routers["1"] = TokenChoiceRouter(h, config.num_recursions)
+        # K/V slot each unrolled layer reads: its own, or (KV sharing) step 1's in the same slot.
+        steps, slots = config.layer_step, config.layer_slot
+        self.kv_read = list(range(config.num_hidden_layers))
+        if config.kv_sharing:
+            first = {slots[i]: i for i in range(config.num_hidden_layers) if steps[i] == 1}
+            for i in range(config.num_hidden_layers):
+                if steps[i] > 1:
+                    self.kv_read[i] = first[slots[i]]
+        self.post_init()
+
+    def _step_bounds(self, i: int) -> tuple[bool, bool]:
+        steps, n = self.config.layer_step, self.config.num_hidden_layers
+        s = steps[i]
+        return (s > 0 and (i == 0 or steps[i - 1] != s)), (s > 0 and (i == n - 1 or steps[i + 1] != s))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None,
+                use_cache=False, routing_trace: dict | None = None):
+        cfg = self.config
+        b, q = input_ids.shape
+        past = cache.seen if cache is not None else 0
+        if attention_mask is not None:
+            am = attention_mask.to(torch.bool)
+            if am.shape != (b, past + q):
+                raise ValueError(f"attention_mask has shape {tuple(am.shape)}, expected "
+                                 f"{(b, past + q)} (cached {past} + new {q} tokens)")
+            real = am[:, past:]
+            if position_ids is None:
+                position_ids = (am.long().cumsum(1) - 1).clamp(min=0)[:, past:]
+        else:
+            real = torch.ones(b, q, dtype=torch.bool, device=input_ids.device)
+            if position_ids is None:
+                position_ids = torch.arange(past, past + q, device=input_ids.device).expand(b, q)
+        kv = cache if cache is not None else RecursionKVCache(cfg.num_hidden_layers)
+
+        x = self.embed_tokens(input_ids)
+        everyone = ActiveTokens(real)
+        cur = xg = cur_pos = None  # the gathered token set being processed, its activations
+        reached = real  # expert-choice: survivors of the previous step
+        depth = gate = base = None
+
+        def flush():
+            return cur.scatter(x, xg) if cur is not None and cur.m else x
+
+        for i in range(cfg.num_hidden_layers):
+            step = cfg.layer_step[i]
+            first, last = self._step_bounds(i)
+            regather = False
+            if self.routed and first:
+                x = flush()
+                active, gate, base, depth, reached = self._route(x, step, real, reached, depth, gate, base)
+                if routing_trace is not None:
+                    routing_trace[step] = active
+                cur, regather = ActiveTokens(active), True
+            elif not (self.routed and step > 0) and cur is not everyone:
+                x = flush()
+                cur, regather = everyone, True
+            if regather and cur.m:
+                xg, cur_pos = cur.gather(x), cur.gather(position_ids)
+            if cur.m:
+                write = i if self.kv_read[i] == i else None
+                xg = self.layers[cfg.layer_unique[i]](xg, cur, cur_pos, kv, write, self.kv_read[i])
+            if self.routed and last:
+                if cur.m:
+                    x = self._update(x, xg, cur, step, gate, base, depth)
+                cur = xg = None
+        x = flush()
+        kv.seen = past + q
+        return self.norm(x), (kv if use_cache else None)
+
+    def _route(self, x, step, real, reached, depth, gate, base):
+        """Causal routing at the start of `step`. Returns (active mask [b, q], gate, base, depth,
+        reached for the next step)."""
+        cfg = self.config
+        if cfg.router_type == "expert_choice":
+            router = self.routers[str(step)]
+            logit = (x @ router.weight.t()).squeeze(-1)
+            gate = cfg.router_alpha * torch.sigmoid(logit)
+            if cfg.capacities[step - 1] >= 1.0:
+                selected = reached
+            else:
+                decide = router.aux(x).squeeze(-1) if router.aux is not None else logit
+                selected = reached & (torch.sigmoid(decide) >= 0.5)
+            return selected, gate, x, None, selected
+        if step == 1:
+            router = self.routers["1"]
+            probs = torch.softmax((x @ router.weight.t()).float(), dim=-1).to(x.dtype)
+            score = probs + router.bias if cfg.balancing == "loss_free" else probs
+            choice = score.argmax(-1)
+            gate = cfg.router_alpha * probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+            depth, base = choice + 1, x
+        return real & (depth >= step), gate, base, depth, reached
+
+    def _update(self, x, y, tokens, step, gate, base, depth):
+        """End of a recursion step for the gathered tokens (outputs y)."""
+        g = tokens.gather(gate.unsqueeze(-1))
+        base_g = tokens.gather(base)
+        if self.config.router_type == "expert_choice":
+            return tokens.scatter(x, base_g + g * y)
+        d = tokens.gather(depth.unsqueeze(-1))
+        cont = g * y if self.config.gate_every_step else y
+        return tokens.scatter(x, torch.where(d == step, base_g + g * y, cont))
+
+
+class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MoRConfig):
+        super().__init__(config)
+        self.model = MoRModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model builds its own RecursionKVCache
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                past_key_values=None, use_cache=None, labels=None, logits_to_keep: int = 0,
+                routing_trace: dict | None = None, return_dict=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, RecursionKVCache):
+            if cache.get_seq_length() != 0:
+                raise ValueError("MoR models need their own RecursionKVCache; got a filled "
+                                 f"{type(cache).__name__}")
+            cache = None  # an empty generic cache built by generate(): use our own
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = RecursionKVCache(self.config.num_hidden_layers)
+        hidden, cache = self.model(input_ids, attention_mask, position_ids, cache, use_cache,
+                                   routing_trace)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None,
+                                      attention_mask=None, use_cache=True, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        if isinstance(cache, RecursionKVCache) and cache.seen:
+            input_ids = input_ids[:, cache.seen:]
+        else:
+            cache = None
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache,
+               "use_cache": use_cache}
+        if "logits_to_keep" in kwargs:
+            out["logits_to_keep"] = kwargs["logits_to_keep"]
+        return out
+
+    def _reorder_cache(self, cache, beam_idx):
+        cache.reorder_cache(beam_idx)
+        return cache
