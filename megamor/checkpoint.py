@@ -121,6 +121,14 @@ def check_model_shape(meta: dict, model_cfg, path: Path) -> None:
                               + "; ".join(diffs))
 
 
+def check_resumable(meta: dict, path: Path) -> None:
+    """A weights-only checkpoint (`megamor convert from-hf`) has no trainer state to resume."""
+    if meta.get("kind") == "weights":
+        raise CheckpointError(
+            f"{path} is a weights-only checkpoint (no optimizer or trainer state) and cannot be "
+            f"resumed; start a run from its weights with checkpoint.init_from={path}")
+
+
 def _async_strategy_kwargs(save_fn) -> dict:
     """megatron-core >= 0.19 defaults async saves to NVIDIA Resiliency Extension; use it when
     installed, else megatron's own writer (0.16 has only that one and no such argument)."""
@@ -225,6 +233,7 @@ class Checkpointer:
         from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
         meta = read_meta(path)
+        check_resumable(meta, path)
         check_model_shape(meta, trainer.cfg.model, path)
         verify_files(path)
         state = trainer.sharded_state_dict(is_loading=True)
@@ -236,6 +245,41 @@ class Checkpointer:
                                   f"{last[0]}); a shard may be corrupt") from e
         trainer.load_loaded_state(loaded, meta)
         return meta
+
+    def load_weights(self, trainer, path: Path) -> Path:
+        """Model weights only (`checkpoint.init_from`), from a weights-only or a training
+        checkpoint of any layout; optimizer, LR schedule, step and data position stay fresh."""
+        from megatron.core import dist_checkpointing
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+        path = resolve_resume(str(path), Path(path))
+        meta = read_meta(path)
+        check_model_shape(meta, trainer.cfg.model, path)
+        if meta.get("tokenizer_fingerprint") != trainer.tokenizer.fingerprint:
+            raise CheckpointError(
+                f"{path / META}: saved with tokenizer {meta.get('tokenizer_fingerprint')}, the "
+                f"data uses {trainer.tokenizer.fingerprint}; tokenize the data with "
+                f"{path / 'tokenizer'}")
+        saved = meta.get("model", {})
+        vocab = trainer.cfg.model.vocab_size or trainer.tokenizer.vocab_size
+        if saved.get("vocab_size", vocab) != vocab or \
+                saved.get("padded_vocab_size", trainer.vocab_size) != trainer.vocab_size:
+            raise CheckpointError(
+                f"{path / META}: vocabulary {saved.get('vocab_size')} padded to "
+                f"{saved.get('padded_vocab_size')} rows, this run has {vocab} padded to "
+                f"{trainer.vocab_size} (tensor parallel {trainer.dims.tp}); set model.vocab_size "
+                f"and model.make_vocab_size_divisible_by so that both agree")
+        verify_files(path)
+        try:
+            loaded = dist_checkpointing.load(trainer.stage.sharded_state_dict(), str(path))
+        except (Exception, CheckpointException) as e:  # many types; name the checkpoint
+            last = [l for l in str(e).splitlines() if l.strip()][-1:] or [""]
+            raise CheckpointError(f"{path}: cannot load the model weights ({type(e).__name__}: "
+                                  f"{last[0]})") from e
+        loaded.pop("optimizer", None)  # common (non-sharded) optimizer state comes back too
+        trainer.stage.load_state_dict(loaded, strict=True)
+        trainer.optimizer.reload_model_params()  # main (fp32) copies follow the new weights
+        return path
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

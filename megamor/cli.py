@@ -42,6 +42,13 @@ def cmd_pretrain(args) -> int:
         cfg.validate(world_size=world)  # fail before any rank starts
     except ConfigError as e:
         sys.exit(f"megamor: config error: {e}")
+    if cfg.checkpoint.resume not in (None, "auto"):  # fail before any rank starts
+        from megamor.checkpoint import CheckpointError, check_resumable, read_meta, resolve_resume
+        try:
+            ckpt = resolve_resume(cfg.checkpoint.resume, Path(cfg.checkpoint.resume))
+            check_resumable(read_meta(ckpt), ckpt)
+        except CheckpointError as e:
+            sys.exit(f"megamor: checkpoint error: {e}")
     if args.nproc > 1 and not under_launcher():
         rank_args = ["pretrain"] + (["--config", args.config] if args.config else []) + args.overrides
         from megamor.trainer import PREEMPTED_MARKER
@@ -100,6 +107,10 @@ def main(argv=None) -> int:
     add_parsers(sub)
     from megamor.commands import add_parsers as add_model_parsers  # `depth-map`
     add_model_parsers(sub)
+    from megamor.evaluate import add_parsers as add_eval_parsers  # `eval`
+    add_eval_parsers(sub)
+    from megamor.hf.commands import add_parsers as add_hf_parsers  # `convert to-hf|from-hf`
+    add_hf_parsers(sub)
     from launch.slurm import add_parsers as add_launch_parsers  # `launch` (Slurm / torchrun)
     add_launch_parsers(sub)
 

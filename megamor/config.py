@@ -136,6 +136,9 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     async_save: bool = False  # write in the background while training continues
     resume: Optional[str] = None  # None | auto | a checkpoint directory
+    # Start from these model weights (fresh optimizer, step 0) unless `resume` finds a checkpoint:
+    # a weights-only checkpoint (`megamor convert from-hf`) or any training checkpoint.
+    init_from: Optional[str] = None
     save_on_signal: bool = True  # SIGTERM / SIGUSR1: finish the step, save, exit 75
 
 
@@ -148,6 +151,10 @@ class TrackingConfig:
     experiment: str = "megamor"
     run_name: Optional[str] = None
     peak_flops: Optional[float] = None  # per device, for MFU; default: GPU datasheet / CPU measured
+    # Depth maps of a fixed sample logged during training (arch=mor): steps between maps;
+    # default (None): with every checkpoint save and at the last step; 0: off.
+    depth_map_interval: Optional[int] = None
+    depth_map_text: Optional[str] = None  # the sample; default: the first training sequence
 
 
 @dataclass
@@ -464,5 +471,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             raise ConfigError(f"checkpoint.{name}={getattr(c, name)} must be >= 0")
     if c.keep_last < 1:
         raise ConfigError("checkpoint.keep_last must be >= 1 (the newest checkpoint is always kept)")
+    if cfg.tracking.depth_map_interval is not None and cfg.tracking.depth_map_interval < 0:
+        raise ConfigError(f"tracking.depth_map_interval={cfg.tracking.depth_map_interval} must be "
+                          f">= 0 (0: off; unset: with every checkpoint save)")
     if not math.isfinite(t.clip_grad) or t.clip_grad < 0:
         raise ConfigError(f"train.clip_grad={t.clip_grad} must be >= 0 (0 disables clipping)")

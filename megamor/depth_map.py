@@ -206,3 +206,14 @@ def render_png(tokens: list[str], depths: list[int], max_depth: int, path,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, facecolor="white")
     return path
+
+
+def write_depth_map(out_dir, stem: str, tokens: list[str], depths: list[int], max_depth: int,
+                    title: Optional[str] = None, width_px: int = 1200) -> tuple[Path, Path]:
+    """Write `<out_dir>/<stem>.html` and `<out_dir>/<stem>.png` of one sequence; returns both."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    page = out / f"{stem}.html"
+    page.write_text(render_html(tokens, depths, max_depth, title=title))
+    image = render_png(tokens, depths, max_depth, out / f"{stem}.png", width_px=width_px, title=title)
+    return page, image

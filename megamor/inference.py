@@ -46,8 +46,6 @@ def load_for_inference(path: str | Path):
 
 def routing_depths(model, token_ids: list[int]) -> list[int]:
     """Recursion depth each token reaches under inference (threshold) routing."""
-    from megamor.depth_map import depth_per_token
-
     if model.mcfg.arch != "mor":
         n = model.mcfg.num_recursions if model.mcfg.arch == "recursive" else 0
         return [n] * len(token_ids)
@@ -55,7 +53,14 @@ def routing_depths(model, token_ids: list[int]) -> list[int]:
     with torch.no_grad():
         model(input_ids=torch.tensor([token_ids]))
     model.trace_routing = False
-    trace = model.routing_trace
-    if model.rcfg.type == "token_choice":
-        return depth_per_token(depths=trace[1][:, 0].round().long())
-    return depth_per_token(step_masks=[trace[r][:, 0] > 0.5 for r in sorted(trace)])
+    return depths_from_trace({r: m[:, 0] for r, m in model.routing_trace.items()}, model.rcfg.type)
+
+
+def depths_from_trace(trace: dict, router_type: str) -> list[int]:
+    """Per-token depth of one sequence from a routing trace (step -> [s] active mask for
+    expert-choice, or {1: [s] depths} for token-choice; tensors or lists)."""
+    from megamor.depth_map import depth_per_token
+
+    if router_type == "token_choice":
+        return depth_per_token(depths=[round(float(d)) for d in trace[1]])
+    return depth_per_token(step_masks=[[float(a) > 0.5 for a in trace[r]] for r in sorted(trace)])

@@ -3,7 +3,8 @@
     device + shims -> process groups -> data -> model stage -> DDP -> optimizer -> LR schedule
     loop: forward/backward over the micro-batches (1F1B when pp > 1) -> grad finalisation
           (shared-layer copies, data parallel, tied embeddings) -> clip + AdamW step -> router
-          bias update -> log line
+          bias update -> log line (closes a dead-token window; router warnings) -> depth map
+          (forward-only pass, at its interval) -> checkpoint
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from megamor import parallel
 from megamor.config import Config, save_config
 from megamor.data import GlobalBatchSampler, get_batch
 from megamor.model import build_stage, padded_vocab_size, plan_for, transformer_config
-from megamor.model.mor_model import MEAN_STATS
+from megamor.model.mor_model import MEAN_STATS, dead_token_ratios
 from megamor.flops import flops_per_step, mfu, peak_flops_per_device
 from megamor.tracking import create_tracker
 from megamor.checkpoint import EXIT_PREEMPTED, OPTIMIZER_FORMAT, Checkpointer, resolve_resume
@@ -38,6 +39,24 @@ def peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def router_warnings(m: dict, tokens_per_step: int) -> list[str]:
+    """Early warnings of router collapse from one logged step's (global) statistics."""
+    out = []
+    for k, v in m.items():
+        if k.startswith("router/depth") and k.endswith("/tokens") and v < 0.01 * tokens_per_step:
+            out.append(f"router collapse: {k.split('/')[1]} received {100 * v / tokens_per_step:.2f}% "
+                       f"of the tokens at step {m['step']}")
+        if k.endswith("sampling_acc") and m["step"] > 100 and v < 0.6:
+            out.append(f"{k}: threshold routing agrees with top-k on only {100 * v:.0f}% of "
+                       f"tokens at step {m['step']}; inference routing will differ")
+    dead, chance = m.get("router/dead_token_ratio"), m.get("router/dead_token_ratio_chance", 0.0)
+    if dead is not None and dead > chance + 0.05:
+        out.append(f"router collapse: {100 * dead:.1f}% of sequence positions were never selected "
+                   f"past recursion step 1 in the window ending at step {m['step']} (chance "
+                   f"level {100 * chance:.1f}%)")
+    return out
 
 
 class Preempted(SystemExit):
@@ -127,9 +146,16 @@ class Trainer:
         ck = cfg.checkpoint
         self.checkpointer = Checkpointer(self.checkpoint_root, ck.keep_last, ck.keep_every, ck.async_save)
         self.resumed_from = resolve_resume(ck.resume, self.checkpoint_root)
-        if self.resumed_from is not None:
+        self.initialised_from: Optional[Path] = None
+        if self.resumed_from is not None:  # resume wins: a requeued job continues its own run
             self.checkpointer.load(self, self.resumed_from)
+        elif ck.init_from:
+            self.initialised_from = self.checkpointer.load_weights(self, ck.init_from)
         self.tracker = create_tracker(cfg.tracking.enabled, self.dims.rank == 0)
+        # Dead-token window: per-position selection counts since the last log line (all ranks).
+        self._window_positions: Optional[torch.Tensor] = None
+        self._window_sequences = 0
+        self.depth_map_ids = self._depth_map_ids()
         precision = "fp8" if self.fp8 else ("bf16" if self.dtype == torch.bfloat16 else "fp32")
         # Peak FLOP/s per device for MFU, on the logging rank only (the CPU figure is measured).
         self.peak_flops = (peak_flops_per_device(precision, cfg.tracking.peak_flops)
@@ -256,7 +282,8 @@ class Trainer:
             if keys else torch.zeros(0, dtype=torch.float64)
         counts = torch.tensor([self.stage.token_counts.get(i, 0.0) for i in range(len(self.plan.layers))],
                               dtype=torch.float64)
-        vec = torch.cat([lm.double(), stats, counts])
+        positions = self._position_counts()
+        vec = torch.cat([lm.double(), stats, counts, positions.flatten()])
         dist.all_reduce(vec, group=dims.pp_group)
         dist.all_reduce(vec, group=dims.dp_group)
         vec[0] /= dims.dp
@@ -268,8 +295,11 @@ class Trainer:
         for k, v in zip(keys, vec[1:1 + n].tolist()):
             # Counts are global sums; losses and accuracies are means per micro-batch.
             out[k] = v / (dims.dp * self.num_microbatches) if k.endswith(MEAN_STATS) else v
-        layer_tokens = vec[1 + n:].tolist()
+        n_layers = len(self.plan.layers)
+        layer_tokens = vec[1 + n:1 + n + n_layers].tolist()
         out["layer_tokens"] = layer_tokens
+        if positions.numel():
+            out.update(self._dead_token_window(vec[1 + n + n_layers:].view_as(positions)))
         total = float(cfg.train.global_batch_size * cfg.model.seq_length)
         for l in self.plan.layers:
             if l.first_in_step:
@@ -282,6 +312,33 @@ class Trainer:
         if self.peak_flops:
             out["mfu"] = mfu(fl["total"], seconds, dims.world_size, self.peak_flops)
         out["memory/peak_gb"] = peak_memory_gb(self.device)
+        return out
+
+    def _position_counts(self) -> torch.Tensor:
+        """[N_r, T] float64: this stage's per-position selection counts of this step (zeros for
+        the steps whose routers live on other stages); empty for models without routers."""
+        if not self.stage.routed:
+            return torch.zeros(0, 0, dtype=torch.float64)
+        nr, t = self.cfg.model.num_recursions, self.cfg.model.seq_length
+        pc = self.stage.position_counts
+        return torch.stack([pc[r].double().cpu() if r in pc else torch.zeros(t, dtype=torch.float64)
+                            for r in range(1, nr + 1)])
+
+    def logs_at(self, step: int) -> bool:
+        """Steps with a console line; each closes a dead-token window."""
+        return step % self.cfg.train.log_interval == 0 or step == 1
+
+    def _dead_token_window(self, positions: torch.Tensor) -> dict:
+        """Add one step's global per-position counts to the window; at a logged step, return the
+        window's dead-token ratios and start a new window."""
+        if self._window_positions is None:
+            self._window_positions = torch.zeros_like(positions)
+        self._window_positions += positions
+        self._window_sequences += self.cfg.train.global_batch_size
+        if not self.logs_at(self.step):
+            return {}
+        out = dead_token_ratios(self._window_positions, self._window_sequences)
+        self._window_positions, self._window_sequences = None, 0
         return out
 
     # ------------------------------------------------------------------ checkpoint state
@@ -322,17 +379,94 @@ class Trainer:
         self.tracking_run_id = meta.get("tracking_run_id")
 
     def router_warnings(self, m: dict) -> list[str]:
-        """Early warnings of router collapse from one step's (global) statistics."""
-        out = []
-        total = self.cfg.train.global_batch_size * self.cfg.model.seq_length
-        for k, v in m.items():
-            if k.startswith("router/depth") and k.endswith("/tokens") and v < 0.01 * total:
-                out.append(f"router collapse: {k.split('/')[1]} received {100 * v / total:.2f}% "
-                           f"of the tokens at step {m['step']}")
-            if k.endswith("sampling_acc") and m["step"] > 100 and v < 0.6:
-                out.append(f"{k}: threshold routing agrees with top-k on only {100 * v:.0f}% of "
-                           f"tokens at step {m['step']}; inference routing will differ")
-        return out
+        return router_warnings(m, self.cfg.train.global_batch_size * self.cfg.model.seq_length)
+
+    # ------------------------------------------------------------------ depth maps
+
+    def _depth_map_ids(self) -> list[int]:
+        """The fixed sample of the periodic depth maps: `tracking.depth_map_text`, else the first
+        training sequence (the same on every rank)."""
+        text = self.cfg.tracking.depth_map_text
+        if text:
+            return self.tokenizer.encode(text)[: self.cfg.model.seq_length]
+        return get_batch(self.dataset, [0])["tokens"][0].tolist()
+
+    def depth_map_due(self, step: int) -> bool:
+        """`tracking.depth_map_interval`: None = with every checkpoint save (periodic and final),
+        0 = never, N = every N steps. Routed models only (the others have one depth)."""
+        t, c = self.cfg.tracking, self.cfg.checkpoint
+        if not self.stage.routed or not self.depth_map_ids:
+            return False
+        if t.depth_map_interval is None:
+            return bool(c.save_interval and step % c.save_interval == 0) or step == self.cfg.train.train_steps
+        return t.depth_map_interval > 0 and step % t.depth_map_interval == 0
+
+    def routing_depths(self, ids: list[int]) -> Optional[list[int]]:
+        """Recursion depth of each token of `ids` under inference (threshold) routing, through the
+        model as it is laid out: one forward-only pass of megatron's schedule (every rank takes
+        part); each stage records the routing of the steps whose routers it holds, and the records
+        of a pipeline are gathered. Returns the depths on global rank 0, None elsewhere.
+        Training is left as it was: no gradients, train mode, RNG state and router statistics
+        restored."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megamor.checkpoint import rng_state, set_rng_state
+        from megamor.inference import depths_from_trace
+
+        stage, dims = self.stage, self.dims
+        tokens = torch.tensor([ids], device=self.device)  # [1, s]
+        saved = (stage.stats, stage.token_counts, stage.position_counts)
+        rng, was_training = rng_state(), self.model.training
+        wire = stage.wire_channels
+
+        def forward_step(data_iterator, model):
+            next(data_iterator)
+            return model(input_ids=tokens if dims.first_stage else None), None  # keep the logits
+
+        def adjust_shapes(recv, send):
+            return [(s[0], s[1], wire) for s in recv], [(s[0], s[1], wire) for s in send]
+
+        stage.reset_stats()
+        stage.trace_routing = True
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                get_forward_backward_func()(
+                    forward_step_func=forward_step, data_iterator=iter([None]), model=[self.model],
+                    num_microbatches=1, seq_length=len(ids), micro_batch_size=1, forward_only=True,
+                    adjust_tensor_shapes_fn=adjust_shapes if dims.pp > 1 else None)
+            trace = {r: m[:, 0].tolist() for r, m in stage.routing_trace.items()}
+        finally:
+            stage.trace_routing = False
+            self.model.train(was_training)
+            stage.reset_stats()
+            stage.stats, stage.token_counts, stage.position_counts = saved
+            set_rng_state(rng)
+        traces = [None] * dims.pp
+        dist.all_gather_object(traces, trace, group=dims.pp_group)
+        if dims.rank != 0:
+            return None
+        return depths_from_trace({r: t for tr in traces for r, t in tr.items()}, stage.rcfg.type)
+
+    def log_depth_map(self, out: Path) -> None:
+        """Depth map of the fixed sample at this step: `<run>/depth_maps/step_XXXXXXXX.{html,png}`,
+        both logged as MLflow artifacts under `depth_maps/`. Every rank takes part in the forward;
+        rank 0 renders. A rendering failure is reported, never raised (training goes on)."""
+        from megamor.depth_map import write_depth_map
+
+        depths = self.routing_depths(self.depth_map_ids)
+        if depths is None:
+            return
+        try:
+            pieces = [self.tokenizer.decode([i]) for i in self.depth_map_ids]
+            paths = write_depth_map(out / "depth_maps", f"step_{self.step:08d}", pieces, depths,
+                                    self.cfg.model.num_recursions,
+                                    title=f"recursion depth per token at step {self.step}")
+        except Exception as e:  # noqa: BLE001 - observability must not stop training
+            print(f"WARNING: depth map at step {self.step} not written: {type(e).__name__}: {e}",
+                  flush=True)
+            return
+        for p in paths:
+            self.tracker.log_artifact(p, artifact_path="depth_maps")
 
     # ------------------------------------------------------------------ signals
 
@@ -360,6 +494,8 @@ class Trainer:
         fr = [f"{m[k]:.2f}" for k in sorted(m) if k.startswith("frac/step")]
         if fr:
             parts.append("steps " + "/".join(fr))
+        if "router/dead_token_ratio" in m:
+            parts.append(f"dead {m['router/dead_token_ratio']:.2f}")
         return " | ".join(parts)
 
     def _open_metrics_log(self, out: Path):
@@ -384,6 +520,12 @@ class Trainer:
             log = self._open_metrics_log(out)
             if self.resumed_from is not None:
                 print(f"resumed from {self.resumed_from} at step {self.step}", flush=True)
+                if cfg.checkpoint.init_from:
+                    print(f"checkpoint.init_from={cfg.checkpoint.init_from} not used: resuming",
+                          flush=True)
+            elif self.initialised_from is not None:
+                print(f"initialised the model weights from {self.initialised_from} (fresh "
+                      f"optimizer, step 0)", flush=True)
         t = cfg.tracking
         self.tracking_run_id = self.tracker.start(
             out, cfg.to_dict(), tracking_uri=t.tracking_uri, experiment=t.experiment,
@@ -399,13 +541,24 @@ class Trainer:
                 if not math.isfinite(m["loss"]):
                     raise FloatingPointError(f"loss became {m['loss']} at step {m['step']}")
                 if log is not None:
+                    alerts = self.router_warnings(m) if self.logs_at(m["step"]) else []
+                    if alerts:
+                        m["router/warnings"] = len(alerts)
                     log.write(json.dumps(m) + "\n")
                     log.flush()
                     self.tracker.log_metrics(m["step"], m)
-                    if m["step"] % cfg.train.log_interval == 0 or m["step"] == 1:
-                        print(self.format_line(m), flush=True)
-                        for w in self.router_warnings(m):
+                    if self.logs_at(m["step"]):
+                        line = self.format_line(m)
+                        if self.tracker.pending:  # the tracking store is unreachable
+                            line += f" | mlflow {self.tracker.pending} metrics buffered"
+                        print(line, flush=True)
+                        for w in alerts:
                             print(f"WARNING: {w}", flush=True)
+                        if alerts:
+                            self.tracker.set_tags({"megamor.router_warning": f"step {m['step']}: "
+                                                   + " / ".join(alerts)})
+                if self.depth_map_due(self.step):
+                    self.log_depth_map(out)
                 self.checkpointer.poll()
                 if cfg.checkpoint.save_on_signal and self._signal_agreed():
                     path = self.checkpointer.save(self)

@@ -59,6 +59,13 @@ def test_unknown_and_mistyped_options(tmp_path):
     assert "does not exist" in err(path=tmp_path / "missing.yaml")
 
 
+def test_depth_map_options():
+    assert "tracking.depth_map_interval=-1 must be >= 0" in err("tracking.depth_map_interval=-1")
+    cfg = load_config(None, ["tracking.depth_map_interval=0", "tracking.depth_map_text=a b c"])
+    assert cfg.validate().tracking.depth_map_text == "a b c"
+    assert load_config().tracking.depth_map_interval is None  # default: with checkpoint saves
+
+
 def test_kv_sharing_rules():
     assert "pipeline_model_parallel_size > 1" in err("model.kv_sharing=true",
                                                       "parallel.pipeline_model_parallel_size=2")

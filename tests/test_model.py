@@ -266,3 +266,22 @@ def test_gathered_steps_equal_a_masked_full_length_reference(router):
         want = _reference_logits(model, ids)
     assert (got - want).abs().max() < 1e-4
     assert got.abs().max() > 1e-2  # a real comparison, not of zeros
+
+
+@pytest.mark.parametrize("router", ["expert_choice", "token_choice"])
+def test_position_counts_add_up_each_steps_selection(router):
+    """The dead-token ratio's input: per step, how often each position was selected, summed over
+    the sequences of every forward since the last reset."""
+    model = make_model("model.arch=mor", f"routing.type={router}")
+    model.train()
+    model.trace_routing = True
+    expected = torch.zeros(3, SEQ)
+    for seed in (0, 2):
+        model(input_ids=tokens(seed), labels=tokens(seed + 1))
+        tr = model.routing_trace
+        for r in (1, 2, 3):  # expert-choice: step r's mask; token-choice: depth >= r runs step r
+            sel = tr[r] > 0.5 if router == "expert_choice" else tr[1] >= r - 0.5
+            expected[r - 1] += sel.sum(1)
+    got = torch.stack([model.position_counts[r] for r in (1, 2, 3)])
+    assert torch.equal(got, expected)
+    assert (got.sum(1) > 0).all() and (got <= 2 * BATCH).all()

@@ -1,6 +1,8 @@
 """MLflow tracking: a real `mlflow server` on 127.0.0.1, resume without duplicates, outages."""
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +16,7 @@ import pytest
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from conftest import ROOT  # noqa: E402
 from megamor.tracking import NullTracker, Tracker, flatten_config, metric_items, read_unsent  # noqa: E402
 
 
@@ -86,9 +89,10 @@ class MlflowServer:
         self.log.close()
 
 
-@pytest.fixture
-def server(tmp_path):
-    srv = MlflowServer(tmp_path)
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the module (starting one costs seconds); a test that stops it restarts it."""
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     srv.start()
     try:
         yield srv
@@ -234,3 +238,82 @@ def test_helpers_and_null_tracker():
     n.log_artifact("nowhere")
     n.set_tags({"a": 1})
     assert n.finish("FINISHED")["lost_metrics"] == 0 and n.failures == 0
+
+
+def _wait_for_step(metrics: Path, step: int, proc, log: Path, timeout: float = 180.0) -> int:
+    """Poll the run's metrics.jsonl until it has reached `step`; return the last step seen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        try:
+            last = json.loads(lines[-1])["step"] if lines else 0
+        except ValueError:  # a line being written
+            last = 0
+        if last >= step:
+            return last
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before step {step}:\n{log.read_text()[-4000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def test_pretrain_survives_server_outage(server, tmp_path, builtin_root):
+    """`megamor pretrain` against a real server that goes down mid-run and comes back: training
+    finishes (exit 0), the log says what happened, and every step's metrics end up in MLflow."""
+    if server.proc is None:  # an earlier test stopped it and failed before restarting it
+        server.start()
+    out, log = tmp_path / "run", tmp_path / "train.log"
+    steps = 40
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "megamor.cli", "pretrain", "model.preset=tiny",
+           "model.seq_length=64", "train.global_batch_size=8", "train.micro_batch_size=8",
+           "train.warmup_steps=1", f"train.train_steps={steps}", "train.log_interval=5",
+           f"tracking.tracking_uri={server.url}", "tracking.experiment=outage",
+           f"data.builtin_root={builtin_root}", f"run.output_dir={out}"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    metrics = out / "metrics.jsonl"
+    try:
+        # The trainer is held (SIGSTOP) while the server stops and restarts, so the outage
+        # falls mid-run whatever the speed of this machine.
+        _wait_for_step(metrics, 3, proc, log)
+        os.kill(proc.pid, signal.SIGSTOP)
+        server.stop()
+        down_at = _wait_for_step(metrics, 0, proc, log)
+        os.kill(proc.pid, signal.SIGCONT)
+        up_at = _wait_for_step(metrics, down_at + 6, proc, log)  # steps trained while down
+        os.kill(proc.pid, signal.SIGSTOP)
+        server.start()
+        os.kill(proc.pid, signal.SIGCONT)
+        assert up_at < steps
+        assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    # One warning for the outage, naming the store and what is done about it ...
+    assert text.count(f"MLflow store {server.url} unreachable") == 1, text[-4000:]
+    assert "buffering metrics and retrying with backoff" in text
+    # ... the console lines of the outage show the backlog ...
+    assert re.search(r"^step .*\| mlflow \d+ metrics buffered$", text, re.M), text[-4000:]
+    # ... and its end: everything delivered, nothing lost.
+    assert re.search(r"MLflow store reachable again after \d+ failed attempts; buffered data "
+                     r"delivered", text)
+    summary = re.search(r"^tracking: (\{.*\})$", text, re.M)
+    assert summary and "'lost_metrics': 0" in summary.group(1) and "'lost_artifacts': 0" in summary.group(1)
+    assert not (out / "mlflow-unsent.jsonl").exists()
+
+    client = MlflowClient(server.url)
+    (run,) = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
+    assert run.info.status == "FINISHED"
+    local = {m["step"]: m["loss"] for m in map(json.loads, metrics.read_text().splitlines())}
+    hist = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert sorted(hist) == list(range(1, steps + 1))  # the outage's steps arrived, once each
+    assert all(hist[s] == pytest.approx(local[s], rel=1e-6) for s in hist)
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "metrics.jsonl", "depth_maps"} <= arts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "depth_maps")} == {
+        f"depth_maps/step_{steps:08d}.html", f"depth_maps/step_{steps:08d}.png"}

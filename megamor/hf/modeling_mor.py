@@ -33,6 +33,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_mor import MoRConfig
 
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 _CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) \
     else "past_key_values"
 
@@ -92,10 +93,14 @@ class RecursionKVCache:
         return out
 
     def entries(self, layer: int, rows: torch.Tensor):
-        """-> K, V [m, n, G, d], positions [m, n], valid [m, n] for the given batch rows."""
-        length = self.length[layer][rows]
+        """-> K, V [m, n, G, d], positions [m, n], valid [m, n] for the given batch rows
+        (views, no copy, when the rows are the whole batch)."""
+        whole = rows.numel() == self.k[layer].shape[0]
+        length = self.length[layer] if whole else self.length[layer][rows]
         n = int(length.max())
         valid = torch.arange(n, device=length.device).unsqueeze(0) < length.unsqueeze(1)
+        if whole:
+            return self.k[layer][:, :n], self.v[layer][:, :n], self.pos[layer][:, :n], valid
         return (self.k[layer][rows, :n], self.v[layer][rows, :n], self.pos[layer][rows, :n], valid)
 
     def num_entries(self) -> int:
@@ -173,15 +178,21 @@ class MoRRMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def _rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotate-half RoPE: x [m, t, heads, d] at positions pos [m, t]."""
-    d = x.shape[-1]
-    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d))
-    ang = pos.to(torch.float32).unsqueeze(-1) * inv
-    emb = torch.cat([ang, ang], dim=-1).unsqueeze(2)  # [m, t, 1, d]
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+class Positions:
+    """Original positions of a gathered token set [m, t] and their RoPE angles, computed once
+    and shared by every layer that processes the set."""
+
+    def __init__(self, pos: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
+        self.pos = pos
+        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=pos.device) / head_dim))
+        ang = pos.to(torch.float32).unsqueeze(-1) * inv
+        emb = torch.cat([ang, ang], dim=-1).unsqueeze(2)  # [m, t, 1, d]
+        self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate-half RoPE of x [m, t, heads, d]."""
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * self.cos + torch.cat([-x2, x1], dim=-1) * self.sin
 
 
 class MoRAttention(nn.Module):
@@ -189,29 +200,36 @@ class MoRAttention(nn.Module):
         super().__init__()
         h, d = config.hidden_size, config.head_dim
         self.heads, self.groups, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
-        self.rope_base = config.rotary_base
         self.q_proj = nn.Linear(h, self.heads * d, bias=False)
         self.k_proj = nn.Linear(h, self.groups * d, bias=False)
         self.v_proj = nn.Linear(h, self.groups * d, bias=False)
         self.o_proj = nn.Linear(self.heads * d, h, bias=False)
 
-    def forward(self, x, tokens: ActiveTokens, pos, cache: RecursionKVCache, write: int | None,
-                read: int):
-        """x [m, t, h] gathered tokens at positions pos [m, t]. Writes this layer's K/V into
+    def forward(self, x, tokens: ActiveTokens, pos: Positions, cache: RecursionKVCache,
+                write: int | None, read: int):
+        """x [m, t, h] gathered tokens at positions pos. Writes this layer's K/V into
         cache slot `write` (None: computes no K/V) and attends to the entries of slot `read`."""
         m, t, _ = x.shape
-        q = _rope(self.q_proj(x).view(m, t, self.heads, self.head_dim), pos, self.rope_base)
+        q = pos.rotate(self.q_proj(x).view(m, t, self.heads, self.head_dim))
         if write is not None:
-            k = _rope(self.k_proj(x).view(m, t, self.groups, self.head_dim), pos, self.rope_base)
+            k = pos.rotate(self.k_proj(x).view(m, t, self.groups, self.head_dim))
             v = self.v_proj(x).view(m, t, self.groups, self.head_dim)
-            cache.append(write, tokens.shape[0], tokens.rows, k, v, pos, tokens.valid)
+            cache.append(write, tokens.shape[0], tokens.rows, k, v, pos.pos, tokens.valid)
         k, v, kpos, kvalid = cache.entries(read, tokens.rows)
-        allowed = kvalid.unsqueeze(1) & (kpos.unsqueeze(1) <= pos.unsqueeze(2))  # [m, t, n]
-        allowed = allowed | ~tokens.valid.unsqueeze(2)  # padding queries: anything (discarded)
-        rep = self.heads // self.groups
-        k = k.transpose(1, 2).repeat_interleave(rep, dim=1)  # [m, H, n, d]
-        v = v.transpose(1, 2).repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=allowed.unsqueeze(1))
+        if t == 1 and tokens.all and bool(kvalid.all()):
+            allowed = None  # one new token per sequence, every cached entry precedes it
+        else:
+            allowed = kvalid.unsqueeze(1) & (kpos.unsqueeze(1) <= pos.pos.unsqueeze(2))  # [m, t, n]
+            allowed = (allowed | ~tokens.valid.unsqueeze(2)).unsqueeze(1)  # padding queries: any
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [m, G, n, d]
+        if _SDPA_GQA:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=allowed,
+                                                 enable_gqa=self.heads != self.groups)
+        else:  # torch < 2.5: repeat each K/V head for its query heads
+            rep = self.heads // self.groups
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1),
+                attn_mask=allowed)
         return self.o_proj(out.transpose(1, 2).reshape(m, t, self.heads * self.head_dim))
 
 
@@ -350,7 +368,8 @@ class MoRModel(MoRPreTrainedModel):
                 x = flush()
                 cur, regather = everyone, True
             if regather and cur.m:
-                xg, cur_pos = cur.gather(x), cur.gather(position_ids)
+                xg = cur.gather(x)
+                cur_pos = Positions(cur.gather(position_ids), cfg.head_dim, cfg.rotary_base, x.dtype)
             if cur.m:
                 write = i if self.kv_read[i] == i else None
                 xg = self.layers[cfg.layer_unique[i]](xg, cur, cur_pos, kv, write, self.kv_read[i])

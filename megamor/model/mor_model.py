@@ -53,6 +53,31 @@ _TAG_LAYER = 1000
 MEAN_STATS = ("aux_loss", "sampling_acc", "balance_loss", "z_loss")
 
 
+def dead_token_ratios(position_counts: Tensor, num_sequences: int) -> dict[str, float]:
+    """Dead-token ratios of one logging window (definition and source: docs/tracking.md).
+
+    position_counts [N_r, T]: row r-1 counts, for each sequence position t, how many of the
+    window's `num_sequences` sequences had their token at t selected by recursion step r (summed
+    over micro-batches, data-parallel ranks and optimizer steps). Within one sequence an
+    expert-choice step keeps exactly its capacity's share of tokens, so what can die is a
+    position that the routers never pick, whatever the text there.
+
+    router/stepR/dead_token_ratio (R >= 2): fraction of the T positions never selected at step R.
+    router/dead_token_ratio: fraction never selected past step 1 (at no step R >= 2).
+    router/dead_token_ratio_chance: the dead-token ratio if every sequence had picked the same
+    number of step-2 tokens uniformly at random, (1 - f)^n with f the window's selected fraction
+    at step 2 and n its sequences: the ratio to compare with (1 - capacity when n = 1).
+    """
+    pc = position_counts.double()
+    n_steps, t = pc.shape
+    out = {f"router/step{r}/dead_token_ratio": float((pc[r - 1] == 0).sum()) / t
+           for r in range(2, n_steps + 1)}
+    out["router/dead_token_ratio"] = float((pc[1:].sum(0) == 0).sum()) / t
+    f = float(pc[1].sum()) / (num_sequences * t) if n_steps > 1 and num_sequences else 0.0
+    out["router/dead_token_ratio_chance"] = (1.0 - f) ** num_sequences
+    return out
+
+
 @contextlib.contextmanager
 def seeded(seed: int, tag: int):
     state = torch.random.get_rng_state()
@@ -196,6 +221,9 @@ class MoRModel(LanguageModule):
         # Host-side counters, summed over micro-batches until the trainer reads them.
         self.token_counts: dict[int, float] = {}  # unrolled layer index -> tokens processed
         self.stats: dict[str, Tensor] = {}
+        # recursion step -> [s] how many sequences had their token at each position selected at
+        # that step (summed over the batch). For the dead-token ratio (`dead_token_ratios`).
+        self.position_counts: dict[int, Tensor] = {}
         # Routing decisions of the last forward, when `trace_routing` is set: step -> [s, b]
         # active mask (expert-choice) or depth (token-choice). For depth maps.
         self.routing_trace: dict[int, Tensor] = {}
@@ -220,6 +248,14 @@ class MoRModel(LanguageModule):
     def _stat(self, key: str, value: Tensor) -> None:
         v = value.detach().float()
         self.stats[key] = self.stats[key] + v if key in self.stats else v
+
+    def _count_positions(self, step: int, mask: Tensor) -> None:
+        """Training statistic (dead-token windows); inference forwards of any length skip it."""
+        if not self.training:
+            return
+        c = mask.detach().sum(1).float()  # [s, b] -> [s]
+        pc = self.position_counts
+        pc[step] = pc[step] + c if step in pc else c
 
     def _attach(self, x: Tensor, loss: Tensor, weight: float) -> Tensor:
         if weight == 0 or not (self.training and torch.is_grad_enabled()):
@@ -312,6 +348,7 @@ class MoRModel(LanguageModule):
             selected, gate, aux, st = router.route(x, reached, self.capacities[step - 1], not self.training)
             for k, v in st.items():
                 self._stat(f"router/step{step}/{k}", v)
+            self._count_positions(step, selected)
             x = self._attach(x, aux, self.rcfg.aux_loss_weight)
             state.x = state.base = x
             state.active = selected.to(x.dtype)
@@ -331,6 +368,7 @@ class MoRModel(LanguageModule):
             x = self._attach(x, loss, 1.0)
             for i in range(self.mcfg.num_recursions):
                 self._stat(f"router/depth{i + 1}/tokens", counts[i])
+                self._count_positions(i + 1, depth >= i + 1)  # step r runs depths >= r
             state.x = state.base = x
             state.active = depth.to(x.dtype)
             state.gate = gate
