@@ -44,13 +44,16 @@ def _require_transformers():
 
 def hf_state_dict(model, cfg, vocab: int) -> dict[str, torch.Tensor]:
     """The single-process megatron model's tensors under Hugging Face names."""
+    from tqdm import tqdm
+
     from megamor.hf.weights import layer_to_hf
 
     m = cfg.model
     sd = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"][:vocab],
            "model.norm.weight": sd["final_norm.weight"]}
-    for u in sorted({int(k.split(".")[1]) for k in sd if k.startswith("layers.")}):
+    unique = sorted({int(k.split(".")[1]) for k in sd if k.startswith("layers.")})
+    for u in tqdm(unique, desc="convert layers", unit="layer", leave=False):
         for name, t in layer_to_hf(sd, f"layers.{u}.", m.num_attention_heads, m.num_query_groups,
                                    m.head_dim).items():
             out[f"model.layers.{u}.{name}"] = t
