@@ -139,6 +139,7 @@ class ActiveTokens:
         self.rows = counts.nonzero().squeeze(1)
         self.m = int(self.rows.numel())
         self.shape = mask.shape
+        self.all = False
         if self.m == 0:
             return
         sub, c = mask[self.rows], counts[self.rows]
