@@ -196,3 +196,26 @@ def test_bad_input_fails_clearly(trained, exported, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "does not exist" in proc.stderr
     assert not (tmp_path / "out2").exists()
+
+
+def test_bfloat16_export_and_beam_search(trained, exported, tmp_path):
+    """A bf16 export keeps bf16 weights and stays close to fp32 (routing decisions near the
+    threshold may flip in bf16, so closeness is judged on average and on top-1 agreement); beam
+    search (cache reordering) gives the same beams with and without the cache."""
+    out = export_checkpoint(trained / "mor_tc" / "checkpoints", tmp_path / "bf16", dtype="bfloat16")
+    m16 = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert next(m16.parameters()).dtype == torch.bfloat16
+    m32 = AutoModelForCausalLM.from_pretrained(exported["mor_tc"], trust_remote_code=True,
+                                               dtype=torch.float32)
+    ids = _ids(exported["mor_tc"], n=32, batch=2)
+    with torch.no_grad():
+        a, b = m32(ids).logits, m16(ids).logits.float()
+    assert (a - b).abs().mean().item() < 0.02 * a.abs().mean().item()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.9
+    tok = AutoTokenizer.from_pretrained(exported["mor_ec"], trust_remote_code=True)
+    m = AutoModelForCausalLM.from_pretrained(exported["mor_ec"], trust_remote_code=True,
+                                             dtype=torch.float32)
+    enc = tok(["The module defines a class"], return_tensors="pt")
+    beams = [m.generate(**enc, num_beams=3, num_return_sequences=3, max_new_tokens=8,
+                        do_sample=False, use_cache=c) for c in (True, False)]
+    assert torch.equal(beams[0], beams[1])
