@@ -10,14 +10,33 @@ import torch
 from megamor.checkpoint import CheckpointError, check_model_shape, read_meta, resolve_resume, verify_files
 
 
+def build_single_process_model(cfg, vocab_size: int):
+    """-> (one-stage megatron model of `cfg` at TP = PP = DP = 1 in a world of one process, its
+    padded vocabulary). Always the local (torch) layer spec: its parameter names are what the
+    Hugging Face conversions map, and checkpoints load into it whatever backend saved them."""
+    import copy
+
+    from megamor import parallel
+    from megamor.model import build_stage, padded_vocab_size, transformer_config
+    from megamor.shims import install_cpu_shims, seed_model_parallel_rng
+
+    one = copy.deepcopy(cfg)
+    p = one.parallel
+    p.tensor_model_parallel_size = p.pipeline_model_parallel_size = p.data_parallel_size = 1
+    p.pipeline_layers, p.sequence_parallel = None, False
+    one.model.backend = "local"
+    install_cpu_shims()
+    parallel.initialize(1, 1, torch.device("cpu"))
+    seed_model_parallel_rng(cfg.train.seed, 0)
+    vocab = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by, 1)
+    return build_stage(one, transformer_config(one, torch.float32), vocab, 0, cfg.train.seed), vocab
+
+
 def load_for_inference(path: str | Path):
     """-> (model in eval mode, resolved config, tokenizer). Runs in a world of one process."""
     from megatron.core import dist_checkpointing
 
-    from megamor import parallel
     from megamor.config import load_config
-    from megamor.model import build_stage, padded_vocab_size, transformer_config
-    from megamor.shims import install_cpu_shims, seed_model_parallel_rng
     from tokenizer import load_tokenizer
 
     ckpt = resolve_resume(str(path), Path(path))
@@ -27,13 +46,8 @@ def load_for_inference(path: str | Path):
         "parallel.data_parallel_size=1", "parallel.pipeline_layers=null"])
     check_model_shape(meta, cfg.model, ckpt)
     verify_files(ckpt)
-    install_cpu_shims()
-    parallel.initialize(1, 1, torch.device("cpu"))
-    seed_model_parallel_rng(cfg.train.seed, 0)
     tok = load_tokenizer(ckpt / "tokenizer")
-    vocab = padded_vocab_size(cfg.model.vocab_size or tok.vocab_size,
-                              cfg.model.make_vocab_size_divisible_by, 1)
-    model = build_stage(cfg, transformer_config(cfg, torch.float32), vocab, 0, cfg.train.seed)
+    model, _ = build_single_process_model(cfg, cfg.model.vocab_size or tok.vocab_size)
     try:
         loaded = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt))
     except Exception as e:

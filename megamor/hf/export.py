@@ -134,7 +134,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "flo
         raise ExportError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; pass --overwrite to replace it")
-    model, cfg, tok = load_for_inference(checkpoint)
+    from megamor.checkpoint import read_meta, resolve_resume
+
+    ckpt = resolve_resume(str(checkpoint), Path(checkpoint))
+    model, cfg, tok = load_for_inference(ckpt)
     vocab = cfg.model.vocab_size or tok.vocab_size
     conf = hf_config(cfg, model, vocab, tok)
     hf_model = build_hf_model(conf, hf_state_dict(model, cfg, vocab), DTYPES[dtype])
@@ -152,8 +155,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "flo
         GenerationConfig(eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
                          do_sample=False).save_pretrained(str(tmp))
         save_tokenizer(tok, tmp)
-        from megamor.checkpoint import read_meta, resolve_resume
-        ckpt = resolve_resume(str(checkpoint), Path(checkpoint))
         meta = read_meta(ckpt)
         (tmp / "megamor_export.json").write_text(json.dumps({
             "checkpoint": str(Path(ckpt).resolve()), "step": meta.get("step"),

@@ -17,7 +17,6 @@ authors' code, generalised to any depth (`layer_sources`; the rules are in docs/
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -266,24 +265,6 @@ def layer_sources(plan, middle: bool, num_orig: int, init: str) -> dict[int, Opt
 # ----------------------------------------------------------------------------- the import
 
 
-def _build_model(cfg):
-    """The single-process megatron model (as megamor.inference.load_for_inference builds it)."""
-    from megamor import parallel
-    from megamor.model import build_stage, padded_vocab_size, transformer_config
-    from megamor.shims import install_cpu_shims, seed_model_parallel_rng
-
-    one = copy.deepcopy(cfg)
-    p = one.parallel
-    p.tensor_model_parallel_size = p.pipeline_model_parallel_size = p.data_parallel_size = 1
-    p.pipeline_layers, p.sequence_parallel = None, False
-    one.model.backend = "local"  # the checkpoint keys are the same for both backends
-    install_cpu_shims()
-    parallel.initialize(1, 1, torch.device("cpu"))
-    seed_model_parallel_rng(cfg.train.seed, 0)
-    vocab = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, 1)
-    return build_stage(one, transformer_config(one, torch.float32), vocab, 0, cfg.train.seed), vocab
-
-
 def _fill(model, cfg, tensors: dict, sources: dict) -> None:
     """Overwrite the model's imported tensors; routers and `None` sources keep their init."""
     from tqdm import tqdm
@@ -348,7 +329,8 @@ def import_hf(src, out, overrides=(), init: str = "stepwise", overwrite: bool = 
     middle = m.arch != "vanilla" and m.sharing.startswith("middle")
     sources = layer_sources(plan, middle, hf["num_hidden_layers"], init)
 
-    model, padded = _build_model(cfg)
+    from megamor.inference import build_single_process_model
+    model, padded = build_single_process_model(cfg, cfg.model.vocab_size)
     _fill(model, cfg, tensors, sources)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp.{out.name}.{os.getpid()}"
