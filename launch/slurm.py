@@ -187,8 +187,9 @@ def _split_pretrain(argv: list[str]) -> list[str]:
     return argv
 
 
-def check_config(pretrain_argv: list[str], world_size: int) -> None:
-    """Load and validate the config exactly as `megamor pretrain` will, for this world size."""
+def check_config(pretrain_argv: list[str], world_size: int):
+    """Load and validate the config exactly as `megamor pretrain` will, for this world size;
+    returns it."""
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--config")
     ap.add_argument("--resume")
@@ -200,11 +201,24 @@ def check_config(pretrain_argv: list[str], world_size: int) -> None:
     from megamor.config import ConfigError, load_config
     if known.config and not os.path.isfile(known.config):
         raise LaunchError(f"config file {known.config} does not exist")
+    resume = [f"checkpoint.resume={known.resume}"] if known.resume else []
     try:
-        cfg = load_config(known.config, [a for a in rest if "=" in a])
+        cfg = load_config(known.config, [a for a in rest if "=" in a] + resume)
         cfg.validate(world_size=world_size)
     except ConfigError as e:
         raise LaunchError(f"config error (world size {world_size}): {e}") from None
+    return cfg
+
+
+def check_inputs(cfg, world_size: int) -> None:
+    """`megamor pretrain`'s own checks before any rank starts (megamor/preflight.py): output
+    directories, data and tokenizer, the checkpoint to resume and its schedule."""
+    from megamor.errors import error_kind, input_errors
+    from megamor.preflight import check_before_start
+    try:
+        check_before_start(cfg, world_size)
+    except input_errors() as e:
+        raise LaunchError(f"{error_kind(e)} error: {e}") from None
 
 
 def allocation_world_size(env: Mapping[str, str]) -> Optional[int]:
@@ -251,7 +265,7 @@ def run(args) -> int:
                 addr = resolve(hosts[0])
                 print(f"megamor launch: {len(hosts)} node(s), rendezvous {hosts[0]} ({addr}):"
                       f"{default_port(env)}, world size {world}", flush=True)
-            check_config(pretrain, world)
+            check_inputs(check_config(pretrain, world), world)
             print("megamor launch: preflight ok", flush=True)
             return 0
         in_slurm_step = "SLURM_PROCID" in env and "SLURM_STEP_ID" in env

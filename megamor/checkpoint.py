@@ -28,7 +28,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved on a signal; requeue and resume
+from megamor.lifecycle import EXIT_PREEMPTED  # noqa: F401 (re-exported)
+
 META = "megamor.json"
 _NAME = re.compile(r"^step_(\d{8})$")
 # The fields that decide tensor shapes: a checkpoint can only load into the same values.
@@ -46,7 +47,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -153,8 +154,10 @@ class Checkpointer:
 
     def save(self, trainer) -> Path:
         from megatron.core import dist_checkpointing
+        from megamor.lifecycle import start_checkpoint_helper
 
-        self.wait()
+        self.wait()  # an asynchronous save still in flight is published first
+        start_checkpoint_helper()  # the writer's helper process, immune to stop signals
         name = f"step_{trainer.step:08d}"
         tmp, final = self.root / f".tmp.{name}", self.root / name
         rank = dist.get_rank()
@@ -172,11 +175,11 @@ class Checkpointer:
                 trainer.tokenizer.save(tmp / "tokenizer")
                 from megamor.config import save_config
                 save_config(trainer.cfg, tmp / "config.yaml")
-                _atomic_write(tmp / META, json.dumps(meta, indent=1))
+                atomic_write(tmp / META, json.dumps(meta, indent=1))
                 if final.exists():  # the same step saved again (e.g. end of run after a signal)
                     shutil.rmtree(final)
                 os.replace(tmp, final)
-                _atomic_write(self.root / "latest", name)
+                atomic_write(self.root / "latest", name)
                 self._prune()
 
         if self.async_save:

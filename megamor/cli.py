@@ -32,37 +32,40 @@ def _load(args):
 
 def cmd_pretrain(args) -> int:
     from launch.local import relaunch, under_launcher
-    from megamor.config import ConfigError
+    from megamor import errors
 
     if args.resume:
         args.overrides.append(f"checkpoint.resume={args.resume}")
-    cfg = _load(args)
-    world = int(os.environ["WORLD_SIZE"]) if under_launcher() else args.nproc
-    try:
-        cfg.validate(world_size=world)  # fail before any rank starts
-    except ConfigError as e:
-        sys.exit(f"megamor: config error: {e}")
-    if cfg.checkpoint.resume not in (None, "auto"):  # fail before any rank starts
-        from megamor.checkpoint import CheckpointError, check_resumable, read_meta, resolve_resume
-        try:
-            ckpt = resolve_resume(cfg.checkpoint.resume, Path(cfg.checkpoint.resume))
-            check_resumable(read_meta(ckpt), ckpt)
-        except CheckpointError as e:
-            sys.exit(f"megamor: checkpoint error: {e}")
+    launched = under_launcher()
+    rank = int(os.environ["RANK"]) if launched else 0
+    world = int(os.environ["WORLD_SIZE"]) if launched else args.nproc
+    cfg = None
+    try:  # everything checkable, before any rank starts (again in each rank: cheap)
+        from megamor.config import load_config
+        from megamor.preflight import check_before_start
+        cfg = load_config(args.config, args.overrides)
+        check_before_start(cfg, world)
+    except errors.input_errors() as e:
+        if launched and cfg is not None:  # ranks of a launch: one line per distinct error
+            errors.report(e, Path(cfg.run.output_dir), rank, world)
+        elif rank == 0:
+            print(errors.one_line(e), file=sys.stderr, flush=True)
+        return errors.EXIT_BAD_INPUT
     if args.nproc > 1 and not under_launcher():
         rank_args = ["pretrain"] + (["--config", args.config] if args.config else []) + args.overrides
-        from megamor.trainer import PREEMPTED_MARKER
-        return relaunch(args.nproc, rank_args, Path(cfg.run.output_dir) / PREEMPTED_MARKER)
+        from megamor.lifecycle import PREEMPTED_MARKER
+        return relaunch(args.nproc, rank_args, Path(cfg.run.output_dir) / PREEMPTED_MARKER,
+                        ranks_catch_signals=cfg.checkpoint.save_on_signal)
     _quiet()
     from megamor import parallel
-    from megamor.checkpoint import CheckpointError
     from megamor.trainer import Preempted, Trainer
     try:
         Trainer(cfg).train()
     except Preempted as e:
-        return e.code
-    except CheckpointError as e:
-        sys.exit(f"megamor: checkpoint error: {e}")
+        from megamor.lifecycle import preempted_exit_code
+        return preempted_exit_code(e.code)  # 0 under `--nproc N`, which then returns 75
+    except Exception as e:  # noqa: BLE001 - one line per distinct error, traceback to the log
+        return errors.report(e, Path(cfg.run.output_dir), rank, world)
     finally:
         parallel.shutdown()
     return 0
@@ -115,6 +118,8 @@ def main(argv=None) -> int:
     add_hf_parsers(sub)
     from launch.slurm import add_parsers as add_launch_parsers  # `launch` (Slurm / torchrun)
     add_launch_parsers(sub)
+    from megamor.planner import add_parsers as add_plan_parsers  # `plan` (layout planner)
+    add_plan_parsers(sub)
 
     # Overrides may come before or after options (`pretrain x.y=1 --resume auto z.w=2`).
     args, extra = ap.parse_known_args(argv)

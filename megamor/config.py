@@ -51,6 +51,17 @@ class ModelConfig:
     sharing: str = "middle_cycle"
     kv_sharing: bool = False  # recursive KV sharing: later steps reuse step 1's K/V
     backend: str = "auto"  # auto | local | te   (te = Transformer Engine, GPU only)
+    # Activation recomputation: none | selective (core attention, megatron's) | full (every
+    # layer's activations recomputed in backward), per `recompute_unit`: layer | step (the layers
+    # of one recursion step as one unit: fewer saved inputs, more recompute).
+    recompute: str = "none"
+    recompute_unit: str = "layer"
+    # Token sets of variable length per sequence (token-choice, threshold routing at eval):
+    # auto (THD-packed under Transformer Engine, padded on the local backend) | packed | padded.
+    varlen_attention: str = "auto"
+    # Rows of every gathered set padded to a multiple of this (default: 16 under FP8, 32 under
+    # MXFP8, else 1); padding rows are never attended to by real tokens, counted or scattered.
+    token_pad_multiple: Optional[int] = None
 
     @property
     def head_dim(self) -> int:
@@ -106,12 +117,23 @@ class TrainConfig:
     lr_schedule: str = "wsd"  # wsd | cosine | constant
     warmup_steps: int = 20
     decay_fraction: float = 0.2  # wsd: last fraction of steps decays linearly to min_lr
+    # Resume with schedule options that change the LR of steps already trained (megamor/schedule.py):
+    # error (refuse, saying how) | replan (follow the new schedule from the current step on)
+    on_schedule_change: str = "error"
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     precision: str = "auto"  # auto | fp32 | bf16 | fp8   (auto: bf16 on GPU, fp32 on CPU)
+    # FP8 (precision=fp8, Transformer Engine): recipe tensorwise (current scaling: the shared
+    # block's per-step statistics never mix) | delayed | mxfp8 (Blackwell) | blockwise.
+    fp8_recipe: str = "tensorwise"
+    fp8_format: str = "hybrid"  # hybrid (E4M3 forward, E5M2 gradients) | e4m3
+    fp8_margin: int = 0
+    fp8_amax_history_len: int = 1024  # delayed scaling only
+    fp8_amax_compute_algo: str = "max"  # delayed scaling only: max | most_recent
+    fp8_bf16_layers: int = 1  # first and last unrolled layers kept in bf16 (0: none)
     device: str = "auto"  # auto | cpu | cuda
     log_interval: int = 10
 
@@ -139,7 +161,7 @@ class CheckpointConfig:
     # Start from these model weights (fresh optimizer, step 0) unless `resume` finds a checkpoint:
     # a weights-only checkpoint (`megamor convert from-hf`) or any training checkpoint.
     init_from: Optional[str] = None
-    save_on_signal: bool = True  # SIGTERM / SIGUSR1: finish the step, save, exit 75
+    save_on_signal: bool = True  # SIGTERM / SIGUSR1 / SIGINT: finish the step, save, exit 75
 
 
 @dataclass
@@ -312,6 +334,32 @@ def _choice(value: str, choices: tuple, option: str) -> None:
         raise ConfigError(f"{option}={value!r} is not one of {', '.join(choices)}")
 
 
+def _validate_schedule(t: TrainConfig) -> None:
+    """Schedule lengths megatron's OptimizerParamScheduler would otherwise reject with a bare
+    assertion (warmup must end before train_steps) or run in a way nobody means (a WSD decay
+    that starts during warmup)."""
+    _choice(t.on_schedule_change, ("error", "replan"), "train.on_schedule_change")
+    if t.train_steps < 1:
+        raise ConfigError(f"train.train_steps={t.train_steps} must be >= 1")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    if t.warmup_steps >= t.train_steps:
+        raise ConfigError(
+            f"train.warmup_steps={t.warmup_steps} must be less than train.train_steps="
+            f"{t.train_steps} (the schedule needs steps after the warmup); lower "
+            f"train.warmup_steps or raise train.train_steps")
+    if not 0.0 <= t.decay_fraction <= 1.0:
+        raise ConfigError(f"train.decay_fraction={t.decay_fraction} must be in [0, 1]")
+    if t.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay={t.weight_decay} must be >= 0")
+    if t.lr_schedule == "wsd" and t.warmup_steps + t.decay_fraction * t.train_steps > t.train_steps:
+        raise ConfigError(
+            f"train.lr_schedule=wsd: train.warmup_steps={t.warmup_steps} plus the decay "
+            f"(train.decay_fraction={t.decay_fraction} x train.train_steps={t.train_steps} = "
+            f"{t.decay_fraction * t.train_steps:g} steps) exceed train.train_steps: the decay would "
+            f"start during the warmup; lower train.warmup_steps or train.decay_fraction")
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     m, r, p, t = cfg.model, cfg.routing, cfg.parallel, cfg.train
     _choice(m.arch, ARCHS, "model.arch")
@@ -448,14 +496,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"micro_batch_size x data_parallel_size = {t.micro_batch_size} x {dp}"
         )
-    if t.train_steps < 1:
-        raise ConfigError(f"train.train_steps={t.train_steps} must be >= 1")
-    if t.warmup_steps < 0 or t.warmup_steps > t.train_steps:
-        raise ConfigError(
-            f"train.warmup_steps={t.warmup_steps} must be between 0 and train_steps={t.train_steps}"
-        )
-    if not 0.0 <= t.decay_fraction <= 1.0:
-        raise ConfigError(f"train.decay_fraction={t.decay_fraction} must be in [0, 1]")
+    _validate_schedule(t)
+    _validate_kernels(m, t)
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise ConfigError(f"train.lr={t.lr} / train.min_lr={t.min_lr}: need 0 <= min_lr <= lr")
     _choice(cfg.data.on_corrupt, ("error", "skip"), "data.on_corrupt")
@@ -476,3 +518,34 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                           f">= 0 (0: off; unset: with every checkpoint save)")
     if not math.isfinite(t.clip_grad) or t.clip_grad < 0:
         raise ConfigError(f"train.clip_grad={t.clip_grad} must be >= 0 (0 disables clipping)")
+
+
+def _validate_kernels(m: ModelConfig, t: TrainConfig) -> None:
+    """Recompute, attention layout and FP8 options."""
+    _choice(m.recompute, ("none", "selective", "full"), "model.recompute")
+    _choice(m.recompute_unit, ("layer", "step"), "model.recompute_unit")
+    _choice(m.varlen_attention, ("auto", "packed", "padded"), "model.varlen_attention")
+    _choice(t.fp8_recipe, ("tensorwise", "delayed", "mxfp8", "blockwise"), "train.fp8_recipe")
+    _choice(t.fp8_format, ("hybrid", "e4m3"), "train.fp8_format")
+    _choice(t.fp8_amax_compute_algo, ("max", "most_recent"), "train.fp8_amax_compute_algo")
+    if m.token_pad_multiple is not None and m.token_pad_multiple < 1:
+        raise ConfigError(f"model.token_pad_multiple={m.token_pad_multiple} must be >= 1")
+    if m.recompute == "full" and m.kv_sharing:
+        raise ConfigError(
+            "model.recompute=full does not work with model.kv_sharing=true (later steps read "
+            "step 1's keys, which a recomputed step 1 would not give gradients to); use "
+            "model.recompute=selective")
+    if t.precision == "fp8":
+        if t.fp8_bf16_layers < 0 or 2 * t.fp8_bf16_layers >= m.num_layers:
+            raise ConfigError(
+                f"train.fp8_bf16_layers={t.fp8_bf16_layers}: keep fewer than half of "
+                f"model.num_layers={m.num_layers} layers in bf16 at each end")
+        rows = m.seq_length * t.micro_batch_size
+        if rows % 16:
+            raise ConfigError(
+                f"train.precision=fp8: model.seq_length x train.micro_batch_size = {rows} tokens "
+                f"per full-length GEMM must be a multiple of 16 (FP8 GEMMs); change either")
+        if t.fp8_bf16_layers and t.fp8_recipe == "delayed":
+            raise ConfigError(
+                "train.fp8_recipe=delayed cannot keep layers in bf16 (megatron refuses it): set "
+                "train.fp8_bf16_layers=0 or use train.fp8_recipe=tensorwise")

@@ -69,7 +69,8 @@ def flops_per_step(model_cfg, plan: Plan, layer_tokens: list[float], seq_length:
     Returns training FLOPs: `total`, the breakdown `layers` (matmuls), `attention`, `routers`,
     `output`, plus `forward` (total / 3), `per_layer` (matmuls + attention of each unrolled
     layer), `per_step` ({recursion step: FLOPs of its layers}, 0 = outside the recursion),
-    `tokens` (B*T) and `per_token` (total / tokens).
+    `tokens` (B*T) and `per_token` (total / tokens), `per_layer_router` (router FLOPs charged to
+    the unrolled layer whose input the router scores).
     """
     if len(layer_tokens) != len(plan.layers):
         raise ValueError(f"layer_tokens has {len(layer_tokens)} entries, the plan "
@@ -98,17 +99,20 @@ def flops_per_step(model_cfg, plan: Plan, layer_tokens: list[float], seq_length:
         per_step[l.step] = per_step.get(l.step, 0.0) + 3.0 * (mm + at)
 
     router_fwd = 0.0
+    router_layer = [0.0] * len(plan.layers)
     if routed:
         rtype = getattr(routing_cfg, "type", "expert_choice")
+        first = {l.step: l.index for l in plan.layers if l.first_in_step}
         if rtype == "token_choice":
             router_fwd = 2.0 * h * model_cfg.num_recursions * tokens
+            router_layer[first[1]] = router_fwd
         else:
             aux = getattr(routing_cfg, "causal", "aux_loss") == "aux_router"
             per_token = 2.0 * h + (2.0 * (h * (h // 2) + h // 2) if aux else 0.0)
-            first = {l.step: l.index for l in plan.layers if l.first_in_step}
             for step in sorted(first):
                 reached = tokens if step == 1 else float(layer_tokens[first[step - 1]])
                 router_fwd += per_token * reached
+                router_layer[first[step]] = per_token * reached
 
     output_fwd = 2.0 * h * vocab_size * tokens
     forward = matmul_fwd + attn_fwd + router_fwd + output_fwd
@@ -121,6 +125,7 @@ def flops_per_step(model_cfg, plan: Plan, layer_tokens: list[float], seq_length:
         "output": 3.0 * output_fwd,
         "per_layer": [3.0 * x for x in per_layer_fwd],
         "per_step": per_step,
+        "per_layer_router": [3.0 * x for x in router_layer],
         "tokens": tokens,
         "per_token": 3.0 * forward / tokens,
     }
@@ -188,3 +193,44 @@ def peak_flops_per_device(precision: str = "bf16", override: Optional[float] = N
             raise ValueError(f"no peak FLOP/s for {precision} on {kind} (known: {', '.join(table)})")
         return table[precision]
     return measure_cpu_peak_flops()
+
+
+# ----------------------------------------------------------------------------- pipeline cost model
+
+
+def expected_layer_tokens(plan: Plan, seq_length: int) -> list[float]:
+    """Tokens of one sequence each unrolled layer is expected to process: all T outside routed
+    steps, k_r = max(1, floor(c_r T)) inside (exact for expert-choice, the balanced-load mean for
+    token-choice)."""
+    return [float(seq_length) if l.cost >= 1.0 else float(max(1, int(l.cost * seq_length)))
+            for l in plan.layers]
+
+
+# Time a transformer layer spends outside matmuls (fused attention below matmul speed, norms,
+# RoPE, SwiGLU, residual adds, copies, routing's gather/scatter) as a fraction of its FLOPs' time,
+# by device; the output layer is one large matmul and pays none. cpu: torch profile of a step
+# (hidden 512), checked by one layer per pipeline stage (benchmarks/pipeline_balance.py
+# --overhead: 0.47-0.76) and by the stage balance it predicts (docs/performance.md).
+# cuda: not measured yet, 0 (the cut then balances FLOPs).
+LAYER_OVERHEAD = {"cpu": 0.43, "cuda": 0.0}
+
+
+def pipeline_costs(model_cfg, plan: Plan, seq_length: int, vocab_size: int, routing_cfg=None,
+                   layer_overhead: float = 0.0):
+    """What each piece of one sequence costs a pipeline stage, in training FLOPs (the FLOPs model
+    above at the expected token counts): `layers[l]` = matmuls + attention of unrolled layer l at
+    its tokens + the router scoring its input; `first` = the embedding lookup (no FLOPs);
+    `last` = the output layer (the loss's softmax is elementwise, not counted); every layer's
+    cost is scaled by 1 + `layer_overhead` (`LAYER_OVERHEAD[device]`). Attention is
+    charged for the causal pairs only: both backends run fused causal kernels (torch SDPA,
+    Transformer Engine) that skip the masked half. Checked against measured per-stage CPU time
+    (tests/test_planner.py, benchmarks/pipeline_balance.py). Returns a
+    `megamor.model.layout.StageCosts`, the input of `balanced_cut` / `stage_ranges`.
+    """
+    from megamor.model.layout import StageCosts
+
+    fl = flops_per_step(model_cfg, plan, expected_layer_tokens(plan, seq_length), seq_length, 1,
+                        vocab_size, routing_cfg)
+    layers = tuple((1.0 + layer_overhead) * (a + r)
+                   for a, r in zip(fl["per_layer"], fl["per_layer_router"]))
+    return StageCosts(layers=layers, first=0.0, last=fl["output"])

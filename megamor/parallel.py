@@ -52,15 +52,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_group_backend(device: torch.device) -> str:
+    """torch.distributed backend of the default group, inherited by every group created without
+    an explicit backend (megatron's included).
+
+    On GPUs both NCCL and gloo: CUDA tensors go through NCCL; barriers and object collectives
+    (checkpoint planning, depth-map traces) go through gloo on the CPU, with no device memory or
+    stream sync. Tensor collectives on the training path still use device tensors only, so they
+    also run where a launcher set up a plain NCCL world itself (`tests/test_gpu_path.py`).
+    """
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init_process_group(device: torch.device) -> None:
-    """Join the job from torchrun / Slurm-derived env vars, or form a world of one."""
+    """Join the job from torchrun / Slurm-derived env vars, or form a world of one. A process
+    group that already exists is kept as it is."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and object collectives use the current device
     if dist.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = process_group_backend(device)
     timeout = datetime.timedelta(minutes=int(os.environ.get("MEGAMOR_DIST_TIMEOUT_MIN", "30")))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=timeout)
     else:
         dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",

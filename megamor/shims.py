@@ -14,7 +14,9 @@ the CPU:
 2. `torch.cuda.current_device()` returns "cpu" (it feeds `device=` arguments),
    `torch.cuda.synchronize()` is a no-op (nothing to wait for) and `torch.cuda.current_stream()`
    returns the CPU stream, whose waits are no-ops (0.19's grad sync asks for it).
-3. The RNG tracker (forked around attention even with dropout 0) keeps CPU generator states.
+3. The RNG tracker (forked around attention even with dropout 0) keeps CPU generator states, and
+   activation recompute (`tensor_parallel.checkpoint`) stashes no CUDA generator state (there is
+   none; the CPU state it also stashes is the one that matters).
 
 `install_torch_adam_fixes()` repairs megatron's distributed optimizer where it wraps torch's
 AdamW (always on CPU; on GPU only without Transformer Engine / apex fused Adam):
@@ -89,6 +91,8 @@ def _install_rng_tracker() -> None:
 
     mrandom.CudaRNGStatesTracker = CPURNGStatesTracker
     mrandom.initialize_rng_tracker(force_reset=True)
+    mrandom._get_cuda_rng_state = lambda *a, **k: None
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
 
 
 def install_cpu_shims() -> bool:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -26,12 +27,16 @@ from megamor.config import Config, save_config
 from megamor.data import GlobalBatchSampler, get_batch
 from megamor.model import build_stage, padded_vocab_size, plan_for, transformer_config
 from megamor.model.mor_model import MEAN_STATS, dead_token_ratios
-from megamor.flops import flops_per_step, mfu, peak_flops_per_device
+from megamor.flops import flops_per_step, peak_flops_per_device
+from megamor.console import (MfuWindow, banner, checkpoint_line, mlflow_location,
+                             parameter_count, silence_expected_megatron_noise, summary_line)
 from megamor.tracking import create_tracker
-from megamor.checkpoint import EXIT_PREEMPTED, OPTIMIZER_FORMAT, Checkpointer, resolve_resume
+from megamor.checkpoint import (EXIT_PREEMPTED, OPTIMIZER_FORMAT, Checkpointer, atomic_write,
+                                resolve_resume)
+from megamor.lifecycle import PREEMPTED_MARKER, STOP_SIGNALS, exit_with_launcher
+from megamor.schedule import build_scheduler, plan_resume, saved_schedule
 from megamor.shims import install_cpu_shims, install_torch_adam_fixes, seed_model_parallel_rng
 
-PREEMPTED_MARKER = "preempted.json"  # written by rank 0 when a signal made the run save and stop
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -118,8 +123,10 @@ class Trainer:
         self._signal: Optional[int] = None
         if cfg.checkpoint.save_on_signal:
             # Installed first: a signal during start-up is honoured after the first step.
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGUSR1, self._on_signal)
+            for s in STOP_SIGNALS:
+                signal.signal(s, self._on_signal)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / srun task
+            exit_with_launcher(int(os.environ["RANK"]))
         self.device = resolve_device(cfg)
         if self.device.type == "cpu":
             install_cpu_shims()
@@ -157,25 +164,33 @@ class Trainer:
         self._window_sequences = 0
         self.depth_map_ids = self._depth_map_ids()
         precision = "fp8" if self.fp8 else ("bf16" if self.dtype == torch.bfloat16 else "fp32")
-        # Peak FLOP/s per device for MFU, on the logging rank only (the CPU figure is measured).
+        self.precision = precision
+        # Peak FLOP/s per device for MFU, on the logging rank only. On the CPU it is measured,
+        # once, while the other ranks wait at a barrier (not competing for the cores); the logged
+        # MFU is the average over the last log_interval steps.
+        measured = self.device.type == "cpu" and not cfg.tracking.peak_flops
+        if measured:
+            dist.barrier()
         self.peak_flops = (peak_flops_per_device(precision, cfg.tracking.peak_flops)
                            if self.dims.rank == 0 else None)
+        if measured:
+            dist.barrier()
+        self._mfu_window = MfuWindow(cfg.train.log_interval)
+        silence_expected_megatron_noise()
 
     @property
     def checkpoint_root(self) -> Path:
-        c = self.cfg.checkpoint
-        return Path(c.dir) if c.dir else Path(self.cfg.run.output_dir) / "checkpoints"
+        from megamor.preflight import checkpoint_root
+        return checkpoint_root(self.cfg)
 
     # ------------------------------------------------------------------ construction
 
     def _build_model(self) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
         cfg, dims = self.cfg, self.dims
-        self.tcfg = transformer_config(cfg, self.dtype, self.fp8)
-        self.plan, self.ranges = plan_for(cfg)
+        self.tcfg = transformer_config(cfg, self.dtype, self.fp8, device_type=self.device.type)
+        self.plan, self.ranges = plan_for(cfg, self.vocab_size)
         model = build_stage(cfg, self.tcfg, self.vocab_size, dims.pp_rank, cfg.train.seed,
                             dp_group=dims.dp_group)
         model.to(self.device)
@@ -196,15 +211,8 @@ class Trainer:
             params_dtype=self.dtype, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
         install_torch_adam_fixes()
         self.optimizer = get_megatron_optimizer(ocfg, [self.model])
-        samples = t.train_steps * t.global_batch_size
-        style = {"wsd": "WSD", "cosine": "cosine", "constant": "constant"}[t.lr_schedule]
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
-            lr_warmup_steps=t.warmup_steps * t.global_batch_size, lr_decay_steps=samples,
-            lr_decay_style=style, start_wd=t.weight_decay, end_wd=t.weight_decay,
-            wd_incr_steps=samples, wd_incr_style="constant",
-            wsd_decay_steps=int(round(t.decay_fraction * samples)) if style == "WSD" else None,
-            lr_wsd_decay_style="linear" if style == "WSD" else None)
+        self.scheduler = build_scheduler(self.optimizer, t)
+        self.schedule_note: Optional[str] = None  # set when a resume extends or re-plans it
         from megatron.core.process_groups_config import ProcessGroupCollection
         # The tied embedding's gradient is summed with the other shared copies
         # (parallel.allreduce_shared_grads); megatron's own embedding all-reduce is switched off
@@ -272,20 +280,22 @@ class Trainer:
     def _reduce_metrics(self, losses, grad_norm, seconds: float) -> dict:
         """Gather one step's numbers onto every rank: loss from the last stage (mean over data
         parallel), router statistics from whichever stage computed them (sum over pipeline)."""
-        dims, cfg = self.dims, self.cfg
-        lm = torch.zeros(1)
+        dims, cfg, dev = self.dims, self.cfg, self.device
+        # Built and reduced on the device (NCCL takes no CPU tensor), then copied to the host once.
+        lm = torch.zeros(1, dtype=torch.float64, device=dev)
         if dims.last_stage and losses:
-            lm[0] = torch.stack([l["lm_loss"].float().cpu() for l in losses]).mean()
+            lm[0] = torch.stack([l["lm_loss"].double() for l in losses]).mean()
         keys = self.stage.stat_keys()
-        zero = torch.zeros((), device=self.device)
-        stats = torch.stack([self.stage.stats.get(k, zero) for k in keys]).double().cpu() \
-            if keys else torch.zeros(0, dtype=torch.float64)
+        zero = torch.zeros((), device=dev)
+        stats = torch.stack([self.stage.stats.get(k, zero) for k in keys]).double() \
+            if keys else torch.zeros(0, dtype=torch.float64, device=dev)
         counts = torch.tensor([self.stage.token_counts.get(i, 0.0) for i in range(len(self.plan.layers))],
-                              dtype=torch.float64)
+                              dtype=torch.float64, device=dev)
         positions = self._position_counts()
-        vec = torch.cat([lm.double(), stats, counts, positions.flatten()])
+        vec = torch.cat([lm, stats, counts, positions.flatten()])
         dist.all_reduce(vec, group=dims.pp_group)
         dist.all_reduce(vec, group=dims.dp_group)
+        vec = vec.cpu()  # the step's one device-to-host copy of its statistics
         vec[0] /= dims.dp
         n = len(keys)
         out = {"step": self.step, "loss": float(vec[0]), "lr": self.optimizer.param_groups[0]["lr"],
@@ -310,18 +320,22 @@ class Trainer:
         out["flops"] = fl["total"]
         out["tflops_per_device"] = fl["total"] / max(seconds, 1e-9) / dims.world_size / 1e12
         if self.peak_flops:
-            out["mfu"] = mfu(fl["total"], seconds, dims.world_size, self.peak_flops)
+            out["mfu"] = self._mfu_window.add(fl["total"], seconds, dims.world_size,
+                                              self.peak_flops)
         out["memory/peak_gb"] = peak_memory_gb(self.device)
         return out
 
     def _position_counts(self) -> torch.Tensor:
-        """[N_r, T] float64: this stage's per-position selection counts of this step (zeros for
-        the steps whose routers live on other stages); empty for models without routers."""
+        """[N_r, T] float64 on the device: this stage's per-position selection counts of this step
+        (zeros for the steps whose routers live on other stages); empty for models without
+        routers."""
+        dev = self.device
         if not self.stage.routed:
-            return torch.zeros(0, 0, dtype=torch.float64)
+            return torch.zeros(0, 0, dtype=torch.float64, device=dev)
         nr, t = self.cfg.model.num_recursions, self.cfg.model.seq_length
         pc = self.stage.position_counts
-        return torch.stack([pc[r].double().cpu() if r in pc else torch.zeros(t, dtype=torch.float64)
+        return torch.stack([pc[r].double() if r in pc
+                            else torch.zeros(t, dtype=torch.float64, device=dev)
                             for r in range(1, nr + 1)])
 
     def logs_at(self, step: int) -> bool:
@@ -373,7 +387,16 @@ class Trainer:
                 f"the data now uses {self.tokenizer.fingerprint}")
         self.stage.load_state_dict(loaded["model"], strict=True)
         self.optimizer.load_state_dict(loaded["optimizer"])
-        self.scheduler.load_state_dict(meta["scheduler"])
+        t = self.cfg.train
+        for group in self.optimizer.param_groups:  # restored with the saved run's values
+            group["max_lr"], group["min_lr"] = t.lr, t.min_lr
+        saved, saved_state = saved_schedule(self.resumed_from, meta)
+        plan = plan_resume(saved, saved_state, self.cfg.train, meta["step"], self.resumed_from)
+        if plan.action == "keep":
+            self.scheduler.load_state_dict(saved_state)
+        else:  # the configured schedule, at the saved position
+            self.scheduler.step(increment=saved_state["num_steps"])
+            self.schedule_note = plan.message
         set_rng_state(meta["rng"])
         self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
         self.tracking_run_id = meta.get("tracking_run_id")
@@ -471,13 +494,19 @@ class Trainer:
     # ------------------------------------------------------------------ signals
 
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self._signal == signal.SIGINT:
+            # A second Ctrl-C: stop now; an unfinished save stays an invisible .tmp directory.
+            print("megamor: interrupted twice: stopping without a checkpoint", file=sys.stderr,
+                  flush=True)
+            os._exit(130)
         self._signal = signum
 
-    def _signal_agreed(self) -> bool:
-        """True on every rank once any rank got SIGTERM/SIGUSR1 (one tiny all-reduce per step)."""
-        flag = torch.tensor([1.0 if self._signal is not None else 0.0])
+    def _signal_agreed(self) -> int:
+        """The stop signal (SIGTERM, SIGUSR1 or SIGINT) any rank got, on every rank; 0 if none.
+        One tiny all-reduce per step."""
+        flag = torch.tensor([float(self._signal or 0)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item())
 
     # ------------------------------------------------------------------ loop
 
@@ -489,6 +518,9 @@ class Trainer:
         if "router/balance_loss" in m:
             parts.append(f"bal {m['router/balance_loss']:.4f}")
         parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}", f"tok/s {m['tokens_per_s']:.0f}"]
+        # Model TFLOP/s per device (executed FLOPs of the FLOPs model), the figure Megatron
+        # users compare; MFU divides it by the peak of the precision that runs.
+        parts.append(f"TFLOP/s/dev {m['tflops_per_device']:.3g}")
         if "mfu" in m:
             parts.append(f"mfu {100 * m['mfu']:.1f}%")
         fr = [f"{m[k]:.2f}" for k in sorted(m) if k.startswith("frac/step")]
@@ -509,10 +541,43 @@ class Trainer:
         path.write_text("".join(l + "\n" for l in kept))
         return open(path, "a")
 
+    def _data_description(self) -> str:
+        d = self.cfg.data
+        if d.path != "builtin":
+            return d.path
+        from megamor.data import builtin_dataset_root
+        root = builtin_dataset_root(Path(os.path.expanduser(d.builtin_root)),
+                                    self.cfg.model.seq_length, d.tokenizer_vocab_size)
+        return f"builtin (CPython's documentation) at {root}"
+
+    def _save(self) -> Path:
+        """A periodic or final save; rank 0 reports it once it is published (`_announce_saved`)."""
+        t0 = time.time()
+        path = self.checkpointer.save(self)
+        self._announce_saved()  # an earlier asynchronous save, published as this one started
+        self._unannounced = (self.step, path, t0)
+        self._announce_saved()
+        return path
+
+    def _announce_saved(self) -> None:
+        """One line per checkpoint, on rank 0, once its directory is complete (an asynchronous
+        save completes during a later step; the time is then from start to publication)."""
+        pending = getattr(self, "_unannounced", None)
+        if pending is None or self.dims.rank != 0:
+            return
+        from megamor.checkpoint import META
+        step, path, t0 = pending
+        meta = path / META
+        if meta.is_file() and meta.stat().st_mtime >= t0 - 1.0:  # not an older run's
+            print(checkpoint_line(step, path, time.time() - t0), flush=True)
+            self._unannounced = None
+
     def train(self) -> list[dict]:
         cfg = self.cfg
         out = Path(cfg.run.output_dir)
         log = None
+        params = parameter_count(self.stage, self.device)  # every rank takes part
+        first_step, started = self.step + 1, time.perf_counter()
         if self.dims.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.yaml")
@@ -526,6 +591,12 @@ class Trainer:
             elif self.initialised_from is not None:
                 print(f"initialised the model weights from {self.initialised_from} (fresh "
                       f"optimizer, step 0)", flush=True)
+            for line in banner(cfg, self.dims, self.device, self.precision, params,
+                               self._data_description(), len(self.dataset), first_step,
+                               mlflow_location(cfg, out)):
+                print(line, flush=True)
+            if self.schedule_note:
+                print(f"megamor: {self.schedule_note}", flush=True)
         t = cfg.tracking
         self.tracking_run_id = self.tracker.start(
             out, cfg.to_dict(), tracking_uri=t.tracking_uri, experiment=t.experiment,
@@ -533,6 +604,8 @@ class Trainer:
         self.tracker.log_artifact(out / "config.yaml")
         self.tracker.set_tags({"tokenizer_fingerprint": self.tokenizer.fingerprint,
                                "layout": f"tp{self.dims.tp}-pp{self.dims.pp}-dp{self.dims.dp}"})
+        if self.schedule_note:
+            self.tracker.set_tags({"megamor.schedule": self.schedule_note})
         status = "FAILED"
         interval = cfg.checkpoint.save_interval
         try:
@@ -560,20 +633,32 @@ class Trainer:
                 if self.depth_map_due(self.step):
                     self.log_depth_map(out)
                 self.checkpointer.poll()
-                if cfg.checkpoint.save_on_signal and self._signal_agreed():
+                self._announce_saved()
+                stop = self._signal_agreed() if cfg.checkpoint.save_on_signal else 0
+                if stop:
+                    # save() first finishes (publishes) an asynchronous save still in flight.
                     path = self.checkpointer.save(self)
                     self.checkpointer.wait()
                     if self.dims.rank == 0:
-                        print(f"signal received: saved {path} at step {self.step}; exiting with "
-                              f"{EXIT_PREEMPTED}", flush=True)
-                        (out / PREEMPTED_MARKER).write_text(json.dumps({"step": self.step, "checkpoint": str(path)}))
+                        atomic_write(out / PREEMPTED_MARKER, json.dumps(
+                            {"step": self.step, "checkpoint": str(path),
+                             "signal": signal.Signals(stop).name}))
+                        print(f"{signal.Signals(stop).name}: saved {path} at step {self.step}; "
+                              f"exiting with {EXIT_PREEMPTED} (resume with --resume auto)",
+                              flush=True)
+                    dist.barrier()  # no rank exits before the marker exists
                     status = "KILLED"
                     raise Preempted(self.step)
                 if interval and self.step % interval == 0 and self.step < cfg.train.train_steps:
-                    self.checkpointer.save(self)
-            self.checkpointer.save(self)
+                    self._save()
+            final = self._save()
             self.checkpointer.wait()
+            self._announce_saved()
             status = "FINISHED"
+            if self.dims.rank == 0:
+                loss = self.history[-1]["loss"] if self.history else None
+                print(summary_line(first_step, self.step, time.perf_counter() - started, loss,
+                                   final, out), flush=True)
         finally:
             if log is not None:
                 log.close()

@@ -8,9 +8,13 @@
 #   3. starts one `srun` (optionally in a pyxis/enroot container) running
 #      `python -m launch.slurm -- pretrain --resume auto ...` per task;
 #   4. forwards USR1/TERM from the batch shell (`--signal=B:USR1@N`, `scancel --signal=USR1
-#      --batch`) to the srun step, whose tasks save a checkpoint and exit 75;
+#      --batch`) to the srun step, whose tasks save a checkpoint and exit 75 (megatron's
+#      checkpoint helper processes ignore the signal; megamor/lifecycle.py);
 #   5. on exit 75 (or a fresh preempted.json) runs `scontrol requeue $SLURM_JOB_ID`: the job
 #      queues again and the next run resumes from the newest checkpoint.
+# The output directory is runs/<job name> (MEGAMOR_OUTPUT_DIR, or MEGAMOR_OUTPUT_PER_JOB=1 for
+# runs/<job name>-<job id>): a new sbatch of the same script resumes too. A job refuses a
+# directory that another running job uses (recorded in <dir>/.slurm_job).
 # Environment overrides (MEGAMOR_*) are listed in docs/cluster.md.
 
 megamor_log() { echo "[megamor $(date -u +%H:%M:%S)] $*"; }
@@ -56,7 +60,10 @@ megamor_batch() {
   if [ "$gpn" = 0 ]; then  # CPU allocation: gloo, fp32, megatron's local layers
     device=cpu; precision=${MEGAMOR_PRECISION:-fp32}; backend=${MEGAMOR_BACKEND:-local}
   fi
-  local out=${MEGAMOR_OUTPUT_DIR:-$MEGAMOR_HOME/runs/${SLURM_JOB_NAME:-megamor}-${SLURM_JOB_ID:-0}}
+  local out=${MEGAMOR_OUTPUT_DIR:-$MEGAMOR_HOME/runs/${SLURM_JOB_NAME:-megamor}}
+  if [ -z "${MEGAMOR_OUTPUT_DIR:-}" ] && [ "${MEGAMOR_OUTPUT_PER_JOB:-0}" = 1 ]; then
+    out=$out-${SLURM_JOB_ID:-0}
+  fi
 
   # --- environment: NCCL, threads ----------------------------------------------------------
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
@@ -83,11 +90,26 @@ megamor_batch() {
 
   megamor_log "job ${SLURM_JOB_ID:-none} restart ${SLURM_RESTART_COUNT:-0}: $nodes node(s) x $tpn task(s), preset $MEGAMOR_PRESET, tp $tp pp $pp, $device/$precision, output $out"
 
+  # --- one job per output directory ---------------------------------------------------------
+  local owner
+  owner=$(cat "$out/.slurm_job" 2>/dev/null || true)
+  if [ -n "$owner" ] && [ "$owner" != "${SLURM_JOB_ID:-}" ] \
+      && squeue -h -j "$owner" -o %i 2>/dev/null | grep -qx "$owner"; then
+    megamor_log "job $owner (queued or running) uses $out; set MEGAMOR_OUTPUT_DIR (or --job-name, or MEGAMOR_OUTPUT_PER_JOB=1) for this one"
+    exit 2
+  fi
+
   # --- preflight: one clear error before any rank starts -----------------------------------
   MEGAMOR_WORLD_SIZE=$ntasks "$py" -m launch.slurm --check --world-size "$ntasks" -- "${args[@]}" \
     || { megamor_log "preflight failed; not starting srun"; exit 2; }
 
-  local srun_opts=(--ntasks="$ntasks" --ntasks-per-node="$tpn" --kill-on-bad-exit=0)
+  # Tasks exit together (training and a signal checkpoint end in collectives); a task that
+  # dies leaves the others at most MEGAMOR_SRUN_WAIT seconds (`--wait`) before srun ends them,
+  # so a crashed rank ends the job instead of leaving it hanging until the NCCL/gloo timeout.
+  # Not --kill-on-bad-exit: exit 75 after a signal checkpoint counts as "bad" and would kill
+  # rank 0 while it still finishes the MLflow run.
+  local srun_opts=(--ntasks="$ntasks" --ntasks-per-node="$tpn" --kill-on-bad-exit=0
+                   --wait="${MEGAMOR_SRUN_WAIT:-60}")
   [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
   if [ -n "${MEGAMOR_CONTAINER_IMAGE:-}" ]; then  # pyxis / enroot
     srun_opts+=(--container-image="$MEGAMOR_CONTAINER_IMAGE"
@@ -102,6 +124,7 @@ megamor_batch() {
   fi
 
   # --- run, forward signals, requeue on a signal checkpoint --------------------------------
+  mkdir -p "$out" && echo "${SLURM_JOB_ID:-}" > "$out/.slurm_job"
   local stamp; stamp=$(mktemp "${TMPDIR:-/tmp}/megamor-start.XXXXXX")
   MEGAMOR_GOT_TERM=0 MEGAMOR_GOT_USR1=0
   srun "${srun_opts[@]}" "$py" -m launch.slurm -- "${args[@]}" &

@@ -4,10 +4,14 @@
 #   slurm/submit.sh slurm/pretrain_1p7b.sh [...]                    (MEGAMOR_* overrides the headers)
 # Layout: 8 node(s) x 8 GPUs = 64 ranks, tp 2 x pp 1 -> dp 32; fp8; micro-batch 4, global batch 256
 #   sequences of 2048 tokens (~0.5M tokens per step).
-# Why: at 1.7B with seq 2048 the activations of the looped shared block dominate memory; tp 2
-# inside a node (NVLink) halves them and lets micro-batch 4 fit, while pp stays 1 (a pipeline
-# adds a bubble and copies of the shared block on its stages; see docs/architecture.md). FP8: hidden 2048 / ffn 8192
-# GEMMs gain most from FP8 tensor cores; fp32 master weights keep training stable.
+# Why (`megamor plan --preset 1p7b --nodes 8`, docs/performance.md): everything fits at pp 1
+# (10.8 GiB predicted per GPU at micro-batch 4), and a pipeline adds a bubble and copies of the
+# shared block. tp 2 inside a node (NVLink) halves the parameters per rank, and with them the
+# data-parallel gradient sync the trainer does not overlap: 0.193 s predicted per step against
+# 0.238 s at tp 1; tp 4 is within 1% (the planner's first) with half-size GEMM shards. tp 2 does
+# not halve activations (no sequence parallelism with MoR: the norms' 4h per token stay whole;
+# 0.6x). Micro-batch 4: the planner's step time does not depend on it; it fits with 6x headroom.
+# FP8: hidden 2048 / ffn 8192 GEMMs gain most from FP8 tensor cores; fp32 master weights.
 # Every #SBATCH line can be overridden on the sbatch command line (or by slurm/submit.sh from
 # MEGAMOR_NODES, MEGAMOR_PARTITION, MEGAMOR_TIME, ...); everything below from MEGAMOR_* variables
 # (docs/cluster.md).

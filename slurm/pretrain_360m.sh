@@ -5,7 +5,9 @@
 # Layout: 2 node(s) x 8 GPUs = 16 ranks, tp 1 x pp 1 -> dp 16; bf16; micro-batch 8, global batch 256
 #   sequences of 2048 tokens (~0.5M tokens per step).
 # Why: 15 heads / 5 KV groups have no divisor of 8 above 1 (tp 5 would straddle nodes);
-# 360M parameters fit one GPU: pure data parallel over 2 nodes. bf16: hidden 960 is still too
+# 360M parameters fit one GPU: pure data parallel over 2 nodes, the planner's first (`megamor
+# plan --preset 360m --nodes 2`: 0.131 s per step, 16.8 GiB at micro-batch 8; docs/
+# performance.md). bf16: hidden 960 is still too
 # narrow for FP8 GEMMs to pay for their scaling overhead.
 # Every #SBATCH line can be overridden on the sbatch command line (or by slurm/submit.sh from
 # MEGAMOR_NODES, MEGAMOR_PARTITION, MEGAMOR_TIME, ...); everything below from MEGAMOR_* variables

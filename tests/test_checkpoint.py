@@ -178,7 +178,8 @@ def test_kill_9_during_save_leaves_previous_checkpoint(tmp_path, builtin_root):
     # The interrupted save is invisible: resume loads the previous complete checkpoint.
     step = json.loads((latest / "megamor.json").read_text())["step"]
     proc = pretrain(out, builtin_root, 2, EC + ["train.train_steps=" + str(step + 1),
-                                                "train.micro_batch_size=4"], resume="auto")
+                                                "train.micro_batch_size=4",
+                                                "train.on_schedule_change=replan"], resume="auto")
     assert f"at step {step}" in proc.stdout
 
 
@@ -205,14 +206,14 @@ def test_bad_checkpoints_fail_clearly(tmp_path, builtin_root):
         resolve_resume(str(incomplete), tmp_path)
     # Shape mismatch and corruption go through the command: one clear line, non-zero exit.
     p = pretrain(tmp_path / "shape", builtin_root, 1, over + ["model.hidden_size=96"],
-                 resume=str(ckpt), expect=1)
+                 resume=str(ckpt), expect=2)
     assert "hidden_size: checkpoint 64, config 96" in p.stderr and str(ckpt) in p.stderr
     corrupt = tmp_path / "corrupt"
     shutil.copytree(ckpt, corrupt)
     shard = sorted(corrupt.glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    p = pretrain(tmp_path / "c", builtin_root, 1, over, resume=str(corrupt), expect=1)
+    p = pretrain(tmp_path / "c", builtin_root, 1, over, resume=str(corrupt), expect=2)
     assert f"checkpoint error: {shard}: truncated shard file" in p.stderr
     shard.unlink()
-    p = pretrain(tmp_path / "c", builtin_root, 1, over, resume=str(corrupt), expect=1)
+    p = pretrain(tmp_path / "c", builtin_root, 1, over, resume=str(corrupt), expect=2)
     assert f"checkpoint error: {shard}: shard file missing" in p.stderr

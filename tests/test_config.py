@@ -84,7 +84,7 @@ def test_cli_reports_config_errors_before_starting_ranks():
 
 def test_gpu_only_paths_fail_clearly_without_a_gpu():
     import torch
-    from megamor.model.specs import layer_spec
+    from megamor.model.specs import spec_for_run
     from megamor.trainer import resolve_device, resolve_precision
 
     cpu = torch.device("cpu")
@@ -95,4 +95,4 @@ def test_gpu_only_paths_fail_clearly_without_a_gpu():
     with pytest.raises(RuntimeError, match="train.device=cuda but no CUDA GPU"):
         resolve_device(load_config(None, ["train.device=cuda"]))
     with pytest.raises(RuntimeError, match="backend=te needs"):
-        layer_spec("te", kv_sharing=False, routed=True)
+        spec_for_run("te", load_config().model, load_config().routing)

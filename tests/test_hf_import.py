@@ -239,7 +239,7 @@ def test_up_training_from_an_imported_mor_model(tmp_path, builtin_root, llama8):
 
     # --resume cannot take a weights-only checkpoint (refused before any rank starts); the
     # message names the alternative.
-    proc = pretrain(ck, tmp_path / "bad", builtin_root, 1, ["--resume", str(ck)], expect=1)
+    proc = pretrain(ck, tmp_path / "bad", builtin_root, 1, ["--resume", str(ck)], expect=2)
     assert "weights-only checkpoint" in proc.stderr and f"checkpoint.init_from={ck}" in proc.stderr
 
 

@@ -48,10 +48,12 @@ def test_tp2_pp2_dp2_matches_single_process(reference, tmp_path, builtin_root):
     assert_same_training(reference, got, MAIN_KINDS)
     for kind in MAIN_KINDS:
         assert got[kind]["shared"]["copies_compared"] > 0  # copies across stages, tp and dp exist
-    # Balanced cut: MoR's stages process within one prelude layer's tokens of each other.
+    # The cost-balanced cut (output layer on the last stage: [4, 4]); each stage processed the
+    # tokens of its layers that one process counted.
     ec = got["mor_ec"]
-    a, b = ec["stage_tokens"]
-    assert abs(a - b) / max(a, b) < 0.05, ec["stage_tokens"]
+    assert ec["ranges"] == [[0, 4], [4, 8]]
+    layer_tokens = reference["mor_ec"]["history"][-1]["layer_tokens"]
+    assert ec["stage_tokens"] == [sum(layer_tokens[a:b]) for a, b in ec["ranges"]]
 
 
 def test_tp2_x_pp2_cut_inside_a_recursion_step(reference, tmp_path, builtin_root):

@@ -4,8 +4,10 @@ requeue -> resume with the same final loss, a two-host rehearsal over a veth pai
 network namespaces, and bad input failing before any rank computes.
 
 The cluster comes from tests/slurm/setup_cluster.sh (Debian's slurm-wlm + munge, one real node
-plus simulated H100 nodes); .ci/run runs it before pytest. Without root or apt the cluster tests
-skip with the reason; the parser tests always run.
+plus simulated H100 nodes, its own slurm.conf); .ci/run runs it before pytest. The tests talk
+only to that cluster (SLURM_CONF), or to the one named by MEGAMOR_TEST_SLURM_CLUSTER (its
+ClusterName; it needs partitions `cpu` and `h100` like the test cluster); otherwise, and without
+root or apt, the cluster tests skip with the reason. The parser tests always run.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from launch import slurm as L
 REPO = Path(__file__).resolve().parents[1]
 SETUP = REPO / "tests" / "slurm" / "setup_cluster.sh"
 SCRIPTS = ["135m", "360m", "730m", "1p7b"]
+NAMED_CLUSTER = "MEGAMOR_TEST_SLURM_CLUSTER"
 TINY = ["model.preset=tiny", "model.seq_length=64", "train.global_batch_size=8",
         "train.micro_batch_size=4", "train.warmup_steps=1", "train.log_interval=1"]
 STEPS = 60
@@ -108,21 +111,61 @@ def test_megamor_launch_subcommand():
 # ----------------------------------------------------------------------------- the cluster
 
 
+def _slurm_config(env: dict) -> dict:
+    """`scontrol show config` of the controller `env` points at ({} if none answers)."""
+    try:
+        p = subprocess.run(["scontrol", "show", "config"], env=env, capture_output=True,
+                           text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if p.returncode != 0:
+        return {}
+    pairs = (line.partition("=") for line in p.stdout.splitlines())
+    return {k.strip(): v.strip() for k, sep, v in pairs if sep}
+
+
 @pytest.fixture(scope="session")
 def cluster():
+    """The Slurm cluster these tests may use: the one setup_cluster.sh starts (root), or the one
+    named by MEGAMOR_TEST_SLURM_CLUSTER; never whatever cluster the machine happens to reach."""
+    named = os.environ.get(NAMED_CLUSTER)
+    if named:
+        conf = _slurm_config(dict(os.environ))
+        if conf.get("ClusterName") != named:
+            pytest.skip(f"{NAMED_CLUSTER}={named}, but the reachable Slurm controller is "
+                        f"{conf.get('ClusterName') or 'none'} (SLURM_CONF={conf.get('SLURM_CONF')})")
+        parts = set(subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True,
+                                   text=True).stdout.split())
+        if not {"cpu", "h100"} <= parts:
+            pytest.skip(f"cluster {named} has partitions {sorted(parts)}; the tests need `cpu` "
+                        f"(real node) and `h100` (simulated) as tests/slurm/setup_cluster.sh makes")
+        yield {"conf": conf.get("SLURM_CONF")}
+        return
     if os.geteuid() != 0:
-        pytest.skip("the Slurm cluster tests need root (apt-get, munged, slurmctld, slurmd)")
+        pytest.skip(f"the Slurm tests start their own cluster (tests/slurm/setup_cluster.sh), "
+                    f"which needs root; or set {NAMED_CLUSTER}=<ClusterName> of a test cluster")
     if not shutil.which("slurmctld") and not shutil.which("apt-get"):
         pytest.skip("slurm-wlm is not installed and apt-get is unavailable")
     p = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=900)
+    if p.returncode == 3:
+        pytest.skip(f"not starting a test cluster: {p.stderr.strip()}")
     if p.returncode != 0:
         pytest.fail(f"setup_cluster.sh failed:\n{p.stdout}\n{p.stderr}")
-    part = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True).stdout
-    return {"cpu_partition": "cpu" if "cpu" in part else None}
+    path = p.stdout.strip().splitlines()[-1].removeprefix("SLURM_CONF=")
+    conf = _slurm_config(dict(os.environ, SLURM_CONF=path))
+    assert conf.get("SLURM_CONF") == path, (path, conf.get("SLURM_CONF"))
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = path  # every sbatch/scontrol below, and the jobs' srun
+    yield {"conf": path}
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
 
 
 def _cpu_env(tmp: Path, out: Path, log: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SBATCH_")) or k == "SLURM_CONF"}
     env.update({
         "MEGAMOR_HOME": str(REPO), "MEGAMOR_PYTHON": sys.executable,
         "MEGAMOR_GPUS_PER_NODE": "0", "MEGAMOR_NODES": "1", "MEGAMOR_NTASKS_PER_NODE": "2",
@@ -179,16 +222,27 @@ def test_sbatch_test_only_accepts_scripts(cluster, size):
 
 @pytest.mark.parametrize("size", SCRIPTS)
 def test_script_layout_fits_its_allocation(cluster, size, tmp_path):
-    """The default layout of each script passes the preflight for its own node count."""
+    """The default layout of each script passes the preflight for its own node count. The
+    default output directory is runs/<job name> (a new sbatch resumes), or with
+    MEGAMOR_OUTPUT_PER_JOB=1 runs/<job name>-<job id> (checked on one script)."""
     script = (REPO / "slurm" / f"pretrain_{size}.sh").read_text()
     nodes = int(script.split("#SBATCH --nodes=")[1].split()[0])
     env = _cpu_env(tmp_path, tmp_path / "run", tmp_path / "log",
                    SLURM_JOB_NUM_NODES=str(nodes), SLURM_NTASKS=str(nodes * 8),
-                   MEGAMOR_DRY_RUN="1", MEGAMOR_GPUS_PER_NODE="8", MEGAMOR_NTASKS_PER_NODE="8")
+                   MEGAMOR_DRY_RUN="1", MEGAMOR_GPUS_PER_NODE="8", MEGAMOR_NTASKS_PER_NODE="8",
+                   SLURM_JOB_NAME=f"mmtest-{size}-{os.getpid()}", SLURM_JOB_ID="77")
+    del env["MEGAMOR_OUTPUT_DIR"]
+    want = REPO / "runs" / env["SLURM_JOB_NAME"]
+    if size == "360m":
+        env["MEGAMOR_OUTPUT_PER_JOB"] = "1"
+        want = want.with_name(want.name + "-77")
     p = subprocess.run(["bash", str(REPO / "slurm" / f"pretrain_{size}.sh")], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "preflight ok" in p.stdout, p.stdout + p.stderr
     assert f"srun --ntasks={nodes * 8} --ntasks-per-node=8" in p.stdout
+    assert f"output {want}\n" in p.stdout and f"run.output_dir={want}" in p.stdout.split(), \
+        p.stdout
+    assert not want.exists()  # a dry run writes nothing
 
 
 @pytest.fixture(scope="session")
@@ -218,11 +272,14 @@ def test_sbatch_cpu_job_end_to_end(uninterrupted):
 
 
 def test_preempt_requeue_resume_same_loss(uninterrupted, tmp_path, data_root):
-    """USR1 to the batch shell -> ranks checkpoint and exit 75 -> scontrol requeue -> the job
-    runs again with --resume auto and ends with the uninterrupted run's final loss."""
+    """USR1 to the batch shell after periodic checkpoints (Slurm signals every process of the
+    step, megatron's checkpoint helpers included) -> ranks checkpoint and exit 75 -> scontrol
+    requeue -> the job runs again with --resume auto and ends with the uninterrupted run's final
+    loss. Meanwhile another job cannot take the same output directory."""
     ref_tmp, _ = uninterrupted
     env = _cpu_env(tmp_path, tmp_path / "run", tmp_path / "job.out")
     jid = _submit(env, "pretrain_135m.sh", [*TINY, f"train.train_steps={STEPS}",
+                                            "checkpoint.save_interval=2",
                                             f"data.builtin_root={data_root}"])
     metrics = tmp_path / "run" / "metrics.jsonl"
     t0 = time.time()
@@ -230,7 +287,13 @@ def test_preempt_requeue_resume_same_loss(uninterrupted, tmp_path, data_root):
         assert time.time() - t0 < 180, f"job {jid} never trained: {_job(jid)}"
         assert _job(jid).get("JobState") in ("PENDING", "RUNNING"), _job(jid)
         time.sleep(0.2)
+    assert (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir()
     subprocess.run(["scancel", "--signal=USR1", "--batch", jid], check=True)
+    other = subprocess.run(["bash", str(REPO / "slurm" / "pretrain_135m.sh")], cwd=REPO,
+                           env=dict(env, MEGAMOR_DRY_RUN="1", SLURM_JOB_ID="1"),
+                           capture_output=True, text=True, timeout=60)
+    assert other.returncode == 2 and f"job {jid} (queued or running) uses {tmp_path / 'run'}" \
+        in other.stdout, other.stdout + other.stderr
 
     def release(j):
         # Slurm holds a requeued job back for a while (Reason=BeginTime); start it now.
@@ -242,7 +305,8 @@ def test_preempt_requeue_resume_same_loss(uninterrupted, tmp_path, data_root):
     assert j["JobState"] == "COMPLETED" and j["ExitCode"] == "0:0", (j, log)
     assert j["Restarts"] == "1", j
     assert "USR1: asking the ranks to checkpoint" in log
-    assert "exiting with 75" in log and "srun exited with 75" in log, log
+    assert "SIGUSR1: saved" in log and "exiting with 75" in log and "srun exited with 75" in log, log
+    assert "Traceback" not in log and "BrokenPipe" not in log, log
     assert f"scontrol requeue {jid}" in log and "restart 1:" in log, log
     assert "resumed from" in log, log
     stopped = json.loads((tmp_path / "run" / "preempted.json").read_text()

@@ -68,14 +68,45 @@ def build_plan(arch: str, num_layers: int, num_recursions: int, sharing: str,
     return Plan(tuple(out), num_unique, nr, B)
 
 
-def balanced_cut(costs: list[float], num_stages: int) -> list[int]:
-    """Split `costs` into `num_stages` contiguous non-empty parts minimising the largest sum.
+@dataclass(frozen=True)
+class StageCosts:
+    """What the pieces of the unrolled network cost a pipeline stage (any unit; built from the
+    FLOPs model by `megamor.flops.pipeline_costs`): one entry per unrolled layer, plus what only
+    the first stage (embedding) and only the last stage (final norm, output layer, loss) do."""
 
+    layers: tuple[float, ...]
+    first: float = 0.0
+    last: float = 0.0
+
+    def loads(self, sizes: list[int]) -> list[float]:
+        """Cost of each stage for a cut of `sizes` layers per stage."""
+        out, start = [], 0
+        for p, s in enumerate(sizes):
+            out.append(sum(self.layers[start:start + s]) + (self.first if p == 0 else 0.0)
+                       + (self.last if p == len(sizes) - 1 else 0.0))
+            start += s
+        return out
+
+
+def useful_fraction(loads: list[float]) -> float:
+    """Mean over max stage load: the fraction of the pipeline's time its stages compute in the
+    steady state (1F1B runs at the pace of the slowest stage; the fill/drain bubble is apart)."""
+    return sum(loads) / (len(loads) * max(loads))
+
+
+def balanced_cut(costs, num_stages: int, first: float = 0.0, last: float = 0.0) -> list[int]:
+    """Split the layers into `num_stages` contiguous non-empty parts minimising the largest
+    stage load, the first stage also paying `first` and the last `last`.
+
+    `costs`: a list of per-layer costs, or a `StageCosts` (whose `first`/`last` are then used).
     Returns the number of layers per stage. Exact dynamic programme (L and P are small); ties go
     to the cut that puts more layers early, so the result is deterministic.
     """
+    if isinstance(costs, StageCosts):
+        costs, first, last = list(costs.layers), costs.first, costs.last
     n = len(costs)
-    assert 1 <= num_stages <= n
+    if not 1 <= num_stages <= n:
+        raise ValueError(f"cannot cut {n} layers into {num_stages} non-empty pipeline stages")
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
@@ -84,11 +115,16 @@ def balanced_cut(costs: list[float], num_stages: int) -> list[int]:
     best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
     arg = [[0] * (n + 1) for _ in range(num_stages + 1)]
     best[0][0] = 0.0
+    tol = 1e-12 * max(1.0, prefix[-1] + first + last)
     for p in range(1, num_stages + 1):
         for i in range(p, n + 1):
+            if p == num_stages and i != n:
+                continue
             for j in range(i - 1, p - 2, -1):
-                v = max(best[p - 1][j], prefix[i] - prefix[j])
-                if v < best[p][i] - 1e-12:
+                load = prefix[i] - prefix[j] + (first if p == 1 else 0.0) \
+                    + (last if p == num_stages else 0.0)
+                v = max(best[p - 1][j], load)
+                if v < best[p][i] - tol:
                     best[p][i], arg[p][i] = v, j
     sizes = []
     i = n
@@ -99,13 +135,44 @@ def balanced_cut(costs: list[float], num_stages: int) -> list[int]:
     return sizes[::-1]
 
 
-def stage_ranges(plan: Plan, num_stages: int, sizes: list[int] | None = None) -> list[tuple[int, int]]:
-    sizes = sizes or balanced_cut([l.cost for l in plan.layers], num_stages)
+def stage_ranges(plan: Plan, num_stages: int, sizes: list[int] | None = None,
+                 costs: StageCosts | None = None) -> list[tuple[int, int]]:
+    """[start, stop) of each stage's unrolled layers: the explicit `sizes`
+    (`parallel.pipeline_layers`) if given, else the cut of `costs` minimising the slowest stage."""
+    if sizes is None:
+        if num_stages == 1:
+            sizes = [len(plan.layers)]
+        elif costs is None:
+            raise ValueError("stage_ranges needs the stage costs (megamor.flops.pipeline_costs) "
+                             "or explicit sizes to cut a pipeline")
+        else:
+            sizes = balanced_cut(costs, num_stages)
     out, start = [], 0
     for s in sizes:
         out.append((start, start + s))
         start += s
     return out
+
+
+def circular_loads(plan: Plan, costs: StageCosts, num_stages: int) -> list[float] | None:
+    """Stage loads of the circular cut (PIPELINE_NOTES option B; not implemented in training):
+    the shared block's unique layers sliced contiguously over the stages, every recursion passing
+    through all of them; prelude + embedding on the first stage, coda + output on the last. The
+    slices are chosen to minimise the slowest stage. None where the block has fewer unique layers
+    than stages, or for vanilla models."""
+    block = [l for l in plan.layers if l.step >= 1]
+    if not block:
+        return None
+    uniques = sorted({l.unique for l in block})
+    if len(uniques) < num_stages:
+        return None
+    per_unique = [sum(costs.layers[l.index] for l in block if l.unique == u) for u in uniques]
+    first = costs.first + sum(costs.layers[l.index] for l in plan.layers
+                              if l.step == 0 and l.index < block[0].index)
+    last = costs.last + sum(costs.layers[l.index] for l in plan.layers
+                            if l.step == 0 and l.index > block[-1].index)
+    sizes = balanced_cut(per_unique, num_stages, first, last)
+    return StageCosts(tuple(per_unique), first, last).loads(sizes)
 
 
 def copy_index(plan: Plan, ranges: list[tuple[int, int]], stage: int) -> dict[int, int]:

@@ -26,20 +26,18 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from megatron.core import tensor_parallel
+from megatron.core import fp8_utils, tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
-from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.enums import AttnMaskType, ModelType
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megamor.config import ModelConfig, RoutingConfig
 from megamor.model.layout import Plan
-from megamor.model.routing import (
-    ActiveSet, AttachAuxLoss, ExpertChoiceRouter, TokenChoiceRouter, balancing_loss,
-    full_causal_mask, rope_freqs, z_loss,
-)
-from megamor.model.specs import KVShareContext, MoRSelfAttention, layer_spec, norm_spec
+from megamor.model.attention import AttentionCall, Rotary
+from megamor.model.routing import ActiveSet, AttachAuxLoss, balancing_loss, z_loss
+from megamor.model.specs import MoRStageSubmodules
 
 # Seed tags: every parameter set is initialised from its own seed, so a unique layer gets the
 # same weights on every stage that holds a copy, and every parallel layout starts from the
@@ -76,6 +74,14 @@ def dead_token_ratios(position_counts: Tensor, num_sequences: int) -> dict[str, 
     f = float(pc[1].sum()) / (num_sequences * t) if n_steps > 1 and num_sequences else 0.0
     out["router/dead_token_ratio_chance"] = (1.0 - f) ** num_sequences
     return out
+
+
+def fp8_row_multiple(config: TransformerConfig) -> int:
+    """Rows (tokens) an FP8 GEMM input must be a multiple of: 16 for Hopper FP8 recipes
+    (Transformer Engine asserts otherwise), 32 for MXFP8's 1x32 scaling blocks; 1 without FP8."""
+    if not config.fp8:
+        return 1
+    return 32 if str(getattr(config.fp8_recipe, "value", config.fp8_recipe)) == "mxfp8" else 16
 
 
 @contextlib.contextmanager
@@ -134,10 +140,11 @@ class UniqueLayers(nn.ModuleDict):
 class MoRModel(LanguageModule):
     """One pipeline stage of a vanilla, recursive or MoR language model."""
 
-    def __init__(self, config: TransformerConfig, model_cfg: ModelConfig, routing_cfg: RoutingConfig,
-                 plan: Plan, stage: tuple[int, int], vocab_size: int, pre_process: bool,
-                 post_process: bool, seed: int, backend: str = "local", dp_group=None,
-                 layer_copy_index: Optional[dict[int, int]] = None):
+    def __init__(self, config: TransformerConfig, submodules: MoRStageSubmodules,
+                 model_cfg: ModelConfig, routing_cfg: RoutingConfig, plan: Plan,
+                 stage: tuple[int, int], vocab_size: int, pre_process: bool, post_process: bool,
+                 seed: int, dp_group=None, layer_copy_index: Optional[dict[int, int]] = None,
+                 packed_sets: bool = False):
         super().__init__(config=config)
         self.mcfg, self.rcfg, self.plan = model_cfg, routing_cfg, plan
         self.start, self.stop = stage
@@ -152,6 +159,11 @@ class MoRModel(LanguageModule):
         self.input_tensor = None
         self.trace_routing = False
         self.aux_loss_scale = 1.0  # 1 / num_microbatches, set by the trainer
+        # Gathered token sets: THD-packed (varlen attention kernels) or padded; rows padded to
+        # what FP8 GEMMs need.
+        self.packed_sets = packed_sets
+        self.row_multiple = model_cfg.token_pad_multiple or fp8_row_multiple(config)
+        self.recompute, self.recompute_unit = model_cfg.recompute, model_cfg.recompute_unit
         h = config.hidden_size
         self.wire_channels = 2 * h + 2 if self.routed else h
 
@@ -160,29 +172,25 @@ class MoRModel(LanguageModule):
                 self.embedding = LanguageModelEmbedding(
                     config=config, vocab_size=vocab_size,
                     max_sequence_length=model_cfg.seq_length, position_embedding_type="rope")
-        spec = layer_spec(backend, self.kv_sharing, self.routed)
         self.layers = UniqueLayers(layer_copy_index or {})
         for u in plan.unique_layers_in(self.start, self.stop):
             with seeded(seed, _TAG_LAYER + u):
-                self.layers[str(u)] = build_module(spec, config=config, layer_number=u + 1)
+                self.layers[str(u)] = build_module(submodules.layer, config=config, layer_number=u + 1)
         self.routers = nn.ModuleDict()
         if self.routed:
-            alpha = routing_cfg.resolved_alpha()
             for l in plan.layers[self.start:self.stop]:
                 if not l.first_in_step:
                     continue
                 if routing_cfg.type == "expert_choice":
                     with seeded(seed, _TAG_ROUTER + l.step):
-                        self.routers[str(l.step)] = ExpertChoiceRouter(
-                            h, alpha, model_cfg.init_std, routing_cfg.causal == "aux_router")
+                        self.routers[str(l.step)] = build_module(submodules.router, hidden_size=h)
                 elif l.step == 1:
                     with seeded(seed, _TAG_ROUTER):
-                        self.routers["1"] = TokenChoiceRouter(
-                            h, model_cfg.num_recursions, alpha, model_cfg.init_std)
+                        self.routers["1"] = build_module(submodules.router, hidden_size=h)
         if post_process:
             with seeded(seed, _TAG_FINAL_NORM):
-                self.final_norm = build_module(norm_spec(backend), config=config, hidden_size=h,
-                                               eps=config.layernorm_epsilon)
+                self.final_norm = build_module(submodules.final_layernorm, config=config,
+                                               hidden_size=h, eps=config.layernorm_epsilon)
             with seeded(seed, _TAG_EMBEDDING):  # same draw as the embedding: tied copies agree
                 self.output_layer = tensor_parallel.ColumnParallelLinear(
                     h, vocab_size, config=config, init_method=config.init_method, bias=False,
@@ -277,40 +285,35 @@ class MoRModel(LanguageModule):
             wire = self.input_tensor
             state = StageState.unpack(wire, h) if self.routed else StageState(wire, wire, None, None)
         s, b = state.x.shape[0], state.x.shape[1]
-        full_mask = full_causal_mask(s, b, state.x.device)
-        full_rope = rope_freqs(torch.arange(s, device=state.x.device), self.mcfg.head_dim,
-                               self.mcfg.rotary_base)
+        # RoPE cos/sin of the full sequence: once per forward, for every full-length layer.
+        full_rope = Rotary(torch.arange(s, device=state.x.device), self.mcfg.head_dim,
+                           self.mcfg.rotary_base)
         kv_store: dict = {}
-        for l in self.plan.layers[self.start:self.stop]:
-            layer = self.layers[str(l.unique)]
-            if not self.routed:
-                kv = self._kv_context(layer, l, kv_store)
-                rope = full_rope if kv is None or kv.mode != "read" else (full_rope, full_rope)
-                state.x = layer(hidden_states=state.x, attention_mask=full_mask, rotary_pos_emb=rope)[0]
-                self.token_counts[l.index] = self.token_counts.get(l.index, 0.0) + s * b
+        for seg in self._segments():
+            step = seg[0].step
+            if not self.routed or step == 0:  # full sequence: causal, no mask tensor
+                calls = [self._attention_call(l, kv_store, False, full_rope, full_rope) for l in seg]
+                state.x = self._run(seg, calls, state.x, None)
+                if self.routed:
+                    state.base = state.x
+                for l in seg:
+                    self.token_counts[l.index] = self.token_counts.get(l.index, 0.0) + s * b
                 continue
-            if l.step == 0:
-                state.x = layer(hidden_states=state.x, attention_mask=full_mask, rotary_pos_emb=full_rope)[0]
-                state.base = state.x
-                self.token_counts[l.index] = self.token_counts.get(l.index, 0.0) + s * b
-                continue
-            if l.first_in_step:
-                self._begin_step(state, l.step)
+            if seg[0].first_in_step:
+                self._begin_step(state, step)
             elif state.tokens is None:  # this stage starts inside a step: re-gather
-                self._gather(state, l.step)
+                self._gather(state, step)
             tok = state.tokens
-            kv = self._kv_context(layer, l, kv_store)
-            if kv is not None and kv.mode == "read":
-                mask, rope = state.mask_to_full, (state.rope, full_rope)
-            else:
-                mask, rope = state.mask, state.rope
-            state.xg = layer(hidden_states=state.xg, attention_mask=mask, rotary_pos_emb=rope)[0]
-            self.token_counts[l.index] = self.token_counts.get(l.index, 0.0) + tok.num_tokens
-            if l.last_in_step:
-                self._end_step(state, l.step)
+            calls = [self._attention_call(l, kv_store, tok.packed, state.rope, full_rope) for l in seg]
+            # KV-sharing reads: queries of this set, keys of every position (explicit mask).
+            mask = state.mask_to_full if calls[0].kv_mode == "read" else None
+            state.xg = self._run(seg, calls, state.xg, mask, tok.packed_seq_params)
+            for l in seg:
+                self.token_counts[l.index] = self.token_counts.get(l.index, 0.0) + tok.num_tokens
+            if seg[-1].last_in_step:
+                self._end_step(state, step)
         for layer in self.layers.values():
-            if isinstance(layer.self_attention, MoRSelfAttention):
-                layer.self_attention.kv_share = None
+            layer.self_attention.call = None
         if not self.post_process:
             return state.pack() if self.routed else state.x
         x = state.x if state.xg is None else state.tokens.scatter(state.x, state.xg)
@@ -320,25 +323,98 @@ class MoRModel(LanguageModule):
             return logits
         return self.compute_language_model_loss(labels, logits)  # [b, s]
 
+    # -------------------------------------------------------------- running layers
+
+    def _segments(self) -> list[list]:
+        """The stage's unrolled layers in runs that share one input set: the layers of one
+        recursion step (step > 0), each other layer alone. A segment is the unit of
+        `recompute_unit=step`."""
+        segs: list[list] = []
+        for l in self.plan.layers[self.start:self.stop]:
+            if segs and l.step > 0 and segs[-1][-1].step == l.step and not l.first_in_step:
+                segs[-1].append(l)
+            else:
+                segs.append([l])
+        return segs
+
+    def _run(self, seg, calls, x: Tensor, mask, packed_seq_params=None) -> Tensor:
+        """Run a segment's layers as megatron's TransformerBlock runs its layers: each inside
+        megatron's FP8 context for its (unrolled, global) layer number, under full activation
+        recompute per layer or per segment when configured."""
+
+        def one(l, call):
+            layer = self.layers[str(l.unique)]
+
+            def fn(x):
+                layer.self_attention.call = call  # set inside: recompute runs it again
+                with self._quantization_context(l.index):
+                    return layer(hidden_states=x, attention_mask=mask,
+                                 packed_seq_params=packed_seq_params)[0]
+            return fn
+
+        fns = [one(l, c) for l, c in zip(seg, calls)]
+        if self.recompute != "full" or not (self.training and torch.is_grad_enabled()):
+            for fn in fns:
+                x = fn(x)
+            return x
+        if self.recompute_unit == "layer":
+            for fn in fns:
+                x = self._checkpoint(fn, x)
+            return x
+
+        def all_of_them(x):
+            for fn in fns:
+                x = fn(x)
+            return x
+        return self._checkpoint(all_of_them, x)
+
+    def _quantization_context(self, layer_index: int):
+        if not self.config.fp8:
+            return contextlib.nullcontext()
+        return fp8_utils.get_fp8_context(self.config, layer_index)
+
+    def _checkpoint(self, fn, x: Tensor) -> Tensor:
+        """Full recompute of `fn(x)`: megatron's checkpoint (TE's under FP8, as TransformerBlock
+        does, so that FP8 scaling state is handled on the recompute)."""
+        if self.config.fp8:
+            from megatron.core.extensions.transformer_engine import te_checkpoint
+            from megatron.core import parallel_state
+            return te_checkpoint(fn, False, tensor_parallel.random.get_cuda_rng_tracker,
+                                 parallel_state.get_tensor_model_parallel_group(), x)
+        return tensor_parallel.checkpoint(fn, False, x)
+
+    def _attention_call(self, l, store: dict, packed: bool, rotary: Rotary,
+                        full_rotary: Rotary) -> AttentionCall:
+        """How layer `l` attends in this call: mask type, KV sharing, RoPE of queries and keys."""
+        mode = "off"
+        if self.kv_sharing and l.step > 0:
+            mode = "write" if l.step == 1 else "read"
+        if mode == "read" and self.routed:
+            mask_type = AttnMaskType.arbitrary  # a subset of queries against all positions
+        elif packed:
+            mask_type = AttnMaskType.padding_causal  # THD: causal within each sequence
+        else:
+            mask_type = AttnMaskType.causal
+        return AttentionCall(mask_type=mask_type, kv_mode=mode, slot=l.slot, store=store,
+                             q_rotary=rotary, k_rotary=full_rotary if mode == "read" else rotary)
+
     def _gather(self, state: StageState, step: int) -> None:
-        """Gather step `step`'s active tokens, with the masks and RoPE angles its layers share."""
+        """Gather step `step`'s active tokens, with the RoPE angles (and KV-sharing mask) its
+        layers share."""
         tok = self._active_set(state, step)
         state.tokens, state.xg = tok, tok.gather(state.x)
-        state.mask = tok.attention_mask()
         state.mask_to_full = tok.attention_mask_to_full() if self.kv_sharing else None
-        state.rope = rope_freqs(tok.idx, self.mcfg.head_dim, self.mcfg.rotary_base)
-
-    def _kv_context(self, layer, l, store) -> Optional[KVShareContext]:
-        if not self.kv_sharing or l.step == 0:
-            return None
-        ctx = KVShareContext(mode="write" if l.step == 1 else "read", slot=l.slot, store=store)
-        layer.self_attention.kv_share = ctx
-        return ctx
+        state.rope = Rotary(tok.positions(), self.mcfg.head_dim, self.mcfg.rotary_base)
 
     def _active_set(self, state: StageState, step: int) -> ActiveSet:
         if self.rcfg.type == "expert_choice":
-            return ActiveSet.from_mask(state.active > 0.5)
-        return ActiveSet.from_mask(state.active >= step - 0.5)
+            mask = state.active > 0.5
+        else:
+            mask = state.active >= step - 0.5
+        # KV sharing reads step 1's keys in the padded layout (its mask relates queries to
+        # positions); step 1 (all tokens) is dense either way.
+        packed = self.packed_sets and not self.kv_sharing
+        return ActiveSet.from_mask(mask, self.row_multiple, packed)
 
     def _begin_step(self, state: StageState, step: int) -> None:
         x = state.x

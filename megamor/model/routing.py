@@ -5,6 +5,7 @@ Tensors follow megatron's layout: hidden states are [s, b, h] (sequence first).
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -18,48 +19,106 @@ from torch import nn
 class ActiveSet:
     """The tokens a recursion step processes, gathered per sequence in causal order.
 
-    idx:   [k, b] original positions (padding rows point at 0)
-    valid: [k, b] True for real tokens (all True for expert-choice: exactly k per sequence)
-    Everything a step needs more than once (token count, scatter index, masks) is computed once
-    here, not per layer.
+    Two layouts of the gathered tensor:
+    - padded [k, b, h] (default): each sequence's active tokens in position order, then padding
+      rows up to the largest count k. Plain causal attention is exact for the real tokens (the
+      padding comes after them), so no mask tensor is needed.
+      idx [k, b] original positions (padding rows point at 0), valid [k, b] real rows.
+    - packed [t, 1, h] (THD, `packed=True`): the real tokens only, grouped by sequence, with
+      `packed_seq_params` (cu_seqlens) for megatron / Transformer Engine varlen attention.
+      idx [t] original positions.
+    `pad_multiple` > 1 pads the number of rows a GEMM sees (k * b, or t) to a multiple of it
+    (FP8 GEMMs need 16): padding rows are computed and dropped at scatter, never seen by a real
+    token, never counted. Everything a step needs more than once is computed here, once.
     """
 
-    def __init__(self, mask: torch.Tensor):
-        """mask [s, b] bool -> positions of the True entries, in order, padded to the max count."""
+    def __init__(self, mask: torch.Tensor, pad_multiple: int = 1, packed: bool = False):
+        """mask [s, b] bool: the step's active tokens."""
         s, b = mask.shape
         counts = mask.sum(0)
         # One host sync per step: the gathered length (and the token count) are data dependent.
         k_max, total = torch.stack([counts.max(), counts.sum()]).tolist()
-        k = max(int(k_max), 1)
+        self.seq_len, self.batch, self.packed = s, b, packed
+        self.num_tokens = int(total)
         pos = torch.arange(s, device=mask.device).unsqueeze(1).expand(s, b)
         # Sort key: active tokens first, in position order; inactive after them.
         key = torch.where(mask, pos, pos + s)
-        order = key.argsort(dim=0)[:k]  # [k, b]
+        if packed:
+            self._init_packed(key, counts, int(k_max), pad_multiple)
+            return
+        k = _round_rows(max(int(k_max), 1), b, pad_multiple)
+        order = key.argsort(dim=0)[:k]  # [min(k, s), b]
+        if order.shape[0] < k:  # padding beyond the sequence length (tiny s, FP8 multiple)
+            order = torch.cat([order, order.new_zeros(k - order.shape[0], b)])
         self.valid = torch.arange(k, device=mask.device).unsqueeze(1) < counts.unsqueeze(0)
         self.idx = torch.where(self.valid, order, torch.zeros_like(order))
-        self.seq_len = s
-        self.num_tokens = int(total)
         self.dense = self.num_tokens == k * b  # no padding rows (expert-choice training)
+        self.packed_seq_params = None
         bidx = torch.arange(b, device=mask.device).unsqueeze(0).expand_as(self.idx)
         flat = self.idx * b + bidx
         self._flat = flat.flatten() if self.dense else flat[self.valid]
 
+    def _init_packed(self, key: torch.Tensor, counts: torch.Tensor, k_max: int, multiple: int) -> None:
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        s, b = key.shape
+        dev = key.device
+        order = key.t().argsort(dim=1)  # [b, s]: each sequence's active positions first
+        real = torch.arange(s, device=dev).unsqueeze(0) < counts.unsqueeze(1)  # [b, s]
+        positions = order[real]  # [t], grouped by sequence, in position order
+        seqs = torch.arange(b, device=dev).unsqueeze(1).expand(b, s)[real]
+        t = self.num_tokens
+        t_pad = _round_rows(max(t, 1), 1, multiple)
+        self._flat = positions * b + seqs
+        self.idx = torch.cat([positions, positions.new_zeros(t_pad - t)])
+        self.valid = torch.arange(t_pad, device=dev) < t
+        self.dense = False
+        ends = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        if t_pad > t:  # the padding rows form a sequence of their own
+            ends = torch.cat([ends, ends.new_full((1,), t_pad)])
+        cu = torch.unique_consecutive(ends).to(torch.int32)  # empty sequences dropped
+        longest = max(k_max, t_pad - t)
+        self.packed_seq_params = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+            max_seqlen_q=longest, max_seqlen_kv=longest)
+
     @classmethod
-    def from_mask(cls, mask: torch.Tensor) -> "ActiveSet":
-        return cls(mask)
+    def from_mask(cls, mask: torch.Tensor, pad_multiple: int = 1, packed: bool = False) -> "ActiveSet":
+        return cls(mask, pad_multiple, packed)
+
+    @property
+    def rows(self) -> int:
+        """Rows a GEMM of this step sees (real tokens plus padding)."""
+        return self.idx.numel()
+
+    def positions(self) -> torch.Tensor:
+        """Original positions, shaped for `rope_freqs`: [k, b] (padded) or [t, 1] (packed)."""
+        return self.idx.unsqueeze(1) if self.packed else self.idx
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """x [s, b, h] -> [k, b, h]."""
+        """x [s, b, h] -> [k, b, h] (padded) or [t, 1, h] (packed)."""
+        if self.packed:
+            s, b, h = x.shape
+            rows = x.reshape(s * b, h).index_select(0, self._flat)
+            pad = self.idx.numel() - rows.shape[0]
+            if pad:
+                rows = torch.cat([rows, rows.new_zeros(pad, h)])
+            return rows.unsqueeze(1)
         return x.gather(0, self.idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
     def scatter(self, base: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Out-of-place: base [s, b, h] with the valid rows replaced by y [k, b, h]."""
+        """Out-of-place: base [s, b, h] with the real tokens' rows replaced by y's."""
         s, b, h = base.shape
-        rows = y.reshape(-1, h) if self.dense else y[self.valid]
+        if self.packed:
+            rows = y.reshape(-1, h)[: self.num_tokens]
+        else:
+            rows = y.reshape(-1, h) if self.dense else y[self.valid]
         return base.reshape(s * b, h).index_copy(0, self._flat, rows).reshape(s, b, h)
 
     def attention_mask(self) -> torch.Tensor:
-        """[b, 1, k, k] bool, True = masked: causal among the gathered tokens, padding masked."""
+        """[b, 1, k, k] bool, True = masked: causal among the gathered tokens, padding masked.
+        (Padded layout. The model attends with plain causal masking, which gives the real tokens
+        the same result; this explicit form is the reference the tests compare against.)"""
         k = self.idx.shape[0]
         causal = torch.ones(k, k, dtype=torch.bool, device=self.idx.device).triu(1)
         pad_key = ~self.valid.t()  # [b, k]
@@ -70,6 +129,14 @@ class ActiveSet:
         keys = torch.arange(self.seq_len, device=self.idx.device)
         m = keys.view(1, 1, -1) > self.idx.t().unsqueeze(-1)  # [b, k, s]
         return m.unsqueeze(1)
+
+
+def _round_rows(k: int, b: int, multiple: int) -> int:
+    """Smallest k' >= k with k' * b a multiple of `multiple`."""
+    if multiple <= 1:
+        return k
+    step = multiple // math.gcd(multiple, b)
+    return -(-k // step) * step
 
 
 def full_causal_mask(s: int, b: int, device) -> torch.Tensor:

@@ -1,70 +1,66 @@
-"""Layer specs: megatron-core's Llama-style layer (RMSNorm, RoPE, GQA, SwiGLU, no bias) with the
-local (torch) or Transformer Engine providers, plus MoR's attention for recursive KV sharing.
+"""The spec tree of a MoR stage: where the model's parts are named and their providers chosen.
 
-The layer is megatron's `TransformerLayer` built from a `ModuleSpec`; MoR changes only the
-self-attention slot (to `MoRSelfAttention` when KV sharing is on) and the mask type (routed
-steps attend among an arbitrary subset of tokens, so masks are always explicit).
+    ModuleSpec(MoRModel, submodules=MoRStageSubmodules(
+        layer=ModuleSpec(TransformerLayer, ...)       every unrolled layer: prelude, the shared
+            self_attention=ModuleSpec(MoRSelfAttention, ...)   recursion block, coda
+                linear_qkv, core_attention, linear_proj
+            mlp=ModuleSpec(MLP, linear_fc1, linear_fc2)
+        router=ModuleSpec(ExpertChoiceRouter | TokenChoiceRouter) | IdentityOp
+        final_layernorm=<the backend's RMSNorm>))
+
+The layer is megatron's Llama-style `TransformerLayer` (RMSNorm, RoPE, GQA, SwiGLU, no bias),
+composed from a megatron `BackendSpecProvider` exactly as megatron's own GPT specs are, so the
+local (torch) and Transformer Engine backends build the same tree from different providers:
+
+    slot                      local                         te
+    input / pre-MLP norm      WrappedTorchNorm (or apex)    IdentityOp (fused into the linear)
+    linear_qkv / linear_fc1   ColumnParallelLinear          TELayerNormColumnParallelLinear
+    core_attention            SDPAttention (torch SDPA)     TEDotProductAttention
+    final_layernorm           WrappedTorchNorm (or apex)    TENorm
+
+The final norm comes from the provider, never from a layer's `input_layernorm` slot (which is
+`IdentityOp` under TE). Checkpoint keys are the same for both (megatron's key map below).
+What runs around each layer (FP8 context, recompute) is in `MoRModel._run_layers`.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
+from typing import Union
 
 import torch
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer.attention import SelfAttention
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megamor.model.attention import MoRSelfAttention, SDPAttention
+
+BACKENDS = ("local", "te")
 
 
 @dataclass
-class KVShareContext:
-    """Set on every `MoRSelfAttention` of a stage for one forward pass.
+class MoRStageSubmodules:
+    """Slots of one pipeline stage (MoRModel): its unrolled layers, its routers, its final norm."""
 
-    mode 'write' (recursion step 1) stores this layer's pre-RoPE K/V under its slot; mode 'read'
-    (later steps) replaces the K/V computed from the step's active tokens by step 1's K/V of all
-    tokens, so queries of the surviving tokens really attend to the first step's keys/values.
-    """
-
-    mode: str = "off"  # off | write | read
-    slot: int = 0
-    store: dict = field(default_factory=dict)
+    layer: Union[ModuleSpec, type]
+    router: Union[ModuleSpec, type] = IdentityOp
+    final_layernorm: Union[ModuleSpec, type] = IdentityOp
 
 
-class MoRSelfAttention(SelfAttention):
-    """megatron SelfAttention whose K/V can come from recursion step 1 (recursive KV sharing)."""
-
-    kv_share: Optional[KVShareContext] = None
-
-    def get_query_key_value_tensors(self, hidden_states, key_value_states=None,
-                                    output_gate: bool = False, split_qkv: bool = True):
-        out = super().get_query_key_value_tensors(
-            hidden_states, key_value_states, output_gate=output_gate, split_qkv=split_qkv)
-        ctx = self.kv_share
-        if ctx is None or ctx.mode == "off":
-            return out
-        query, key, value = out[0], out[1], out[2]
-        if ctx.mode == "write":
-            ctx.store[ctx.slot] = (key, value)
-        else:
-            key, value = ctx.store[ctx.slot]
-        return (query, key, value) + tuple(out[3:])
-
-
-def _te_layer_spec() -> ModuleSpec:
+def check_te_available() -> None:
+    """Transformer Engine and a GPU, or an error that says what is missing."""
     try:
         import transformer_engine  # noqa: F401
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
     except ImportError as e:
         raise RuntimeError(
             "model.backend=te needs Transformer Engine (pip install 'megamor[gpu]' on a CUDA "
-            f"machine, see docs/cluster.md); import failed: {e}"
-        ) from None
+            f"machine, see docs/cluster.md); import failed: {e}") from None
     if not torch.cuda.is_available():
         raise RuntimeError("model.backend=te needs a CUDA GPU; none is visible (use backend=local)")
-    return get_gpt_layer_with_transformer_engine_spec()
 
 
 def resolve_backend(backend: str) -> str:
@@ -79,18 +75,74 @@ def resolve_backend(backend: str) -> str:
     return "local"
 
 
-def layer_spec(backend: str, kv_sharing: bool, routed: bool) -> ModuleSpec:
-    """The spec of one transformer layer of the shared block (and of prelude/coda layers)."""
-    spec = _te_layer_spec() if backend == "te" else get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec = copy.deepcopy(spec)
-    attn = spec.submodules.self_attention
-    attn.params = dict(attn.params or {})
-    attn.params["attn_mask_type"] = AttnMaskType.arbitrary if (routed or kv_sharing) else AttnMaskType.causal
-    if kv_sharing:
-        attn.module = MoRSelfAttention
-    return spec
+def provider(backend: str):
+    """megatron's spec provider for a backend. The TE provider only names TE classes, so the TE
+    tree can be built (not instantiated) and pinned by CPU tests."""
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+        return TESpecProvider()
+    if backend == "local":
+        from megatron.core.models.backends import LocalSpecProvider
+        return LocalSpecProvider()
+    raise ValueError(f"model.backend={backend!r}: expected one of {BACKENDS} (or auto)")
 
 
-def norm_spec(backend: str) -> ModuleSpec:
-    """Final RMSNorm: the same provider as the layers' input norm."""
-    return copy.deepcopy(layer_spec(backend, False, False).submodules.input_layernorm)
+def layer_spec(backend: str) -> ModuleSpec:
+    """One unrolled layer (prelude, shared block or coda)."""
+    p = provider(backend)
+    fused = p.fuse_layernorm_and_linear()  # TE: the input norm lives inside the next linear
+    norm = IdentityOp if fused else p.layer_norm(rms_norm=True)
+    col = p.column_parallel_layer_norm_linear() if fused else p.column_parallel_linear()
+    core = p.core_attention() if backend == "te" else SDPAttention
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=MoRSelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},  # per call: AttentionCall
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=col, core_attention=core, linear_proj=p.row_parallel_linear(),
+                    q_layernorm=IdentityOp, k_layernorm=IdentityOp)),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
+                linear_fc1=col, linear_fc2=p.row_parallel_linear())),
+            mlp_bda=get_bias_dropout_add,
+            # Local norms are saved under TE's fused names: one checkpoint format for both.
+            sharded_state_dict_keys_map=({} if fused else {
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}),
+        ),
+    )
+
+
+def router_spec(model_cfg, routing_cfg) -> Union[ModuleSpec, type]:
+    from megamor.model.routing import ExpertChoiceRouter, TokenChoiceRouter
+
+    if model_cfg.arch != "mor":
+        return IdentityOp
+    alpha = routing_cfg.resolved_alpha()
+    if routing_cfg.type == "expert_choice":
+        return ModuleSpec(module=ExpertChoiceRouter, params={
+            "alpha": alpha, "init_std": model_cfg.init_std,
+            "aux_router": routing_cfg.causal == "aux_router"})
+    return ModuleSpec(module=TokenChoiceRouter, params={
+        "num_recursions": model_cfg.num_recursions, "alpha": alpha, "init_std": model_cfg.init_std})
+
+
+def stage_spec(backend: str, model_cfg, routing_cfg) -> ModuleSpec:
+    """The whole tree of one stage (see the module docstring)."""
+    from megamor.model.mor_model import MoRModel
+
+    return ModuleSpec(module=MoRModel, submodules=MoRStageSubmodules(
+        layer=layer_spec(backend),
+        router=router_spec(model_cfg, routing_cfg),
+        final_layernorm=provider(backend).layer_norm(rms_norm=True)))
+
+
+def spec_for_run(backend: str, model_cfg, routing_cfg) -> ModuleSpec:
+    """`stage_spec` after checking that the backend can run here."""
+    if backend == "te":
+        check_te_available()
+    return stage_spec(backend, model_cfg, routing_cfg)

@@ -2,12 +2,16 @@
 # A real one-node Slurm cluster on this machine, for tests/test_slurm.py (run as root; idempotent).
 #
 #   - installs slurm-wlm, munge and iproute2 from Debian's packages (apt-get update first);
-#   - writes /etc/slurm/slurm.conf: this host (real hostname, CPU count, memory) in partition
+#   - writes its own slurm.conf (never /etc/slurm: a site's configuration stays untouched),
+#     $STATE/etc/slurm.conf: this host (real hostname, CPU count, memory) in partition
 #     `cpu` (the default), plus simulated H100 nodes `h100-[001-016]` (8 GPUs each, NodeAddr
 #     127.0.0.1, never started) in partition `h100`, so `sbatch --test-only` can judge the
 #     multi-node scripts;
-#   - starts munged, slurmctld and slurmd and waits until `sinfo` shows this host idle.
-# State, spool and logs live under ${MEGAMOR_SLURM_STATE:-/var/tmp/megamor-slurm}.
+#   - starts munged, slurmctld and slurmd on that file and waits until `sinfo` shows this host
+#     idle; the last line of its output is `SLURM_CONF=<file>`: clients (sbatch, scontrol, srun
+#     in the jobs) given that variable talk to this cluster only.
+# State, spool, logs and the configuration live under ${MEGAMOR_SLURM_STATE:-/var/tmp/megamor-slurm}.
+# Exit 3 (nothing changed): another Slurm controller already listens on this host's ports.
 set -euo pipefail
 
 if [ "$(id -u)" != 0 ]; then echo "setup_cluster.sh: must run as root" >&2; exit 2; fi
@@ -26,7 +30,17 @@ fi
 HOST=$(hostname -s)
 CPUS=$(nproc --all)
 MEM_MB=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
-mkdir -p "$STATE"/{ctld,spool,log} /etc/slurm /run/munge /var/log/munge /var/lib/munge /etc/munge
+mkdir -p "$STATE"/{ctld,spool,log,etc} /run/munge /var/log/munge /var/lib/munge /etc/munge
+CONF=$STATE/etc/slurm.conf
+export SLURM_CONF=$CONF
+
+running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+if ! running "$STATE/slurmctld.pid" && command -v ss >/dev/null \
+    && ss -ltn 2>/dev/null | grep -qE '[:.]6817[[:space:]]'; then
+  echo "setup_cluster.sh: port 6817 is taken by a Slurm controller this script did not start;" \
+       "not starting a test cluster here (use MEGAMOR_TEST_SLURM_CLUSTER to test against it)" >&2
+  exit 3
+fi
 
 # munge: a key once, then the daemon.
 if [ ! -s /etc/munge/munge.key ]; then
@@ -43,7 +57,6 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
   for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 
-CONF=/etc/slurm/slurm.conf
 NEW=$(mktemp)
 cat >"$NEW" <<CONF
 # Written by megamor tests/slurm/setup_cluster.sh: one real node ($HOST) + simulated H100 nodes.
@@ -88,23 +101,22 @@ PartitionName=cpu Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscrib
 PartitionName=h100 Nodes=h100-[001-016] Default=NO MaxTime=INFINITE State=UP
 CONF
 # gres.conf for the simulated nodes (they never read it; the controller only needs the count).
-printf 'NodeName=h100-[001-016] Name=gpu Type=h100 Count=8\n' > /etc/slurm/gres.conf
+printf 'NodeName=h100-[001-016] Name=gpu Type=h100 Count=8\n' > "$STATE/etc/gres.conf"
 
 changed=1
 if [ -f "$CONF" ] && cmp -s "$NEW" "$CONF"; then changed=0; fi
 mv "$NEW" "$CONF"
 chmod 0644 "$CONF"
 
-running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 if [ "$changed" = 1 ]; then
   # A new node set needs a restart (scontrol reconfigure is not enough).
   for pidf in "$STATE/slurmd.pid" "$STATE/slurmctld.pid"; do
     if running "$pidf"; then kill "$(cat "$pidf")"; for _ in $(seq 50); do running "$pidf" || break; sleep 0.1; done; fi
   done
 fi
-running "$STATE/slurmctld.pid" || slurmctld -c
+running "$STATE/slurmctld.pid" || slurmctld -c -f "$CONF"
 for _ in $(seq 100); do scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
-running "$STATE/slurmd.pid" || slurmd
+running "$STATE/slurmd.pid" || slurmd -f "$CONF"
 scontrol update nodename="$HOST" state=resume >/dev/null 2>&1 || true
 
 for _ in $(seq 150); do
@@ -115,7 +127,7 @@ for _ in $(seq 150); do
       for _ in $(seq 100); do
         sinfo -h -p h100 -o '%t' | grep -q unk || break; sleep 0.2
       done
-      echo "slurm: $HOST is $st (CPUs=$CPUS)"; sinfo; exit 0 ;;
+      echo "slurm: $HOST is $st (CPUs=$CPUS)"; sinfo; echo "SLURM_CONF=$CONF"; exit 0 ;;
   esac
   sleep 0.2
 done

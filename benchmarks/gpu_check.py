@@ -1,0 +1,323 @@
+"""GPU check: megamor's trainer on one GPU over NCCL, in bf16, against an fp32 reference.
+
+For each model preset and activation-recompute mode: a few training steps through the real
+`Trainer` (world size 1, process group `cpu:gloo,cuda:nccl`), then
+
+- every tensor handed to a torch.distributed collective was on the GPU (NCCL takes no other),
+- the losses are finite, and the loss of a fixed batch falls over the run's steps,
+- the bf16 model's loss on a batch is within `--tolerance` (relative) of an fp32 copy of the
+  same weights on the same batch,
+- tokens/s, model TFLOP/s per GPU (megamor's FLOPs model of what ran), MFU (against the
+  datasheet peak of the precision running) and peak GPU memory, from synchronised step times.
+
+The first run also saves a checkpoint and the second (same preset) resumes from it
+(checkpoint barriers and object collectives over the multi-backend group). Transformer Engine
+variants run only where TE is importable. Exit status 1 if any check failed.
+
+    bash benchmarks/gpu_check.sh                  # on the GPU machine (installs carried wheels)
+    python benchmarks/gpu_check.py --cpu-smoke    # the same driver on CPU/gloo, tiny shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TENSOR_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+                      "reduce_scatter_tensor", "broadcast", "reduce", "send", "recv", "isend",
+                      "irecv", "_all_gather_base", "_reduce_scatter_base")
+
+
+class DeviceRule:
+    """Records each tensor handed to a collective that is not on the training device (on a GPU:
+    exactly what NCCL rejects), except on groups created with an explicit gloo backend."""
+
+    def __init__(self):
+        self.device: torch.device | None = None
+        self.violations: list[str] = []
+        self.calls = 0
+        self._gloo: set[int] = set()
+
+    def install(self) -> None:
+        """Before megatron is imported: it keeps references to some of these functions."""
+        import torch.distributed.distributed_c10d as c10d
+
+        for name in TENSOR_COLLECTIVES:
+            if hasattr(c10d, name):
+                w = self._wrap(name, getattr(c10d, name))
+                setattr(c10d, name, w)
+                setattr(dist, name, w)
+        new_group = c10d.new_group
+
+        def recording_new_group(*args, **kwargs):
+            g = new_group(*args, **kwargs)
+            if str(kwargs.get("backend") or "").lower() == "gloo":
+                self._gloo.add(id(g))
+            return g
+
+        c10d.new_group = dist.new_group = recording_new_group
+
+    def _wrap(self, name, fn):
+        def wrapped(*args, **kwargs):
+            group = kwargs.get("group")
+            if self.device is not None and id(group) not in self._gloo:
+                self.calls += 1
+                for a in list(args) + list(kwargs.values()):
+                    ts = a if isinstance(a, (list, tuple)) else [a]
+                    for t in ts:
+                        if isinstance(t, torch.Tensor) and t.device.type != self.device.type:
+                            where = traceback.extract_stack(limit=4)[0]
+                            self.violations.append(f"{name}: {t.device} tensor {tuple(t.shape)} "
+                                                   f"from {where.filename}:{where.lineno}")
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+
+RULE = DeviceRule()
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="CPU/gloo, tiny preset, seq 64, fp32 (proves the driver, not the GPU)")
+    ap.add_argument("--presets", default="135m,1p7b")
+    ap.add_argument("--recompute", default="none,full", help="model.recompute modes to run")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--global-batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=6, help="training steps per run")
+    ap.add_argument("--warmup", type=int, default=2, help="steps left out of the timings")
+    ap.add_argument("--tolerance", type=float, default=2e-2,
+                    help="relative |loss - fp32 loss| allowed for bf16")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "gpu_check"))
+    ap.add_argument("--data-root", default=None, help="data.builtin_root (default: megamor's)")
+    ap.add_argument("overrides", nargs="*", help="section.option=value for every run")
+    a = ap.parse_args()
+    if a.cpu_smoke:
+        a.presets, a.recompute, a.seq = "tiny", "none,full", 64
+        a.micro_batch, a.global_batch, a.steps, a.warmup, a.tolerance = 2, 4, 3, 1, 1e-5
+    if a.warmup >= a.steps:
+        ap.error(f"--warmup={a.warmup} must be below --steps={a.steps}")
+    return a
+
+
+def runs(args) -> list[dict]:
+    """(name, overrides) of every run: presets x recompute modes, local backend; then TE
+    variants (bf16, fp8) of the first preset where Transformer Engine is importable."""
+    device = "cpu" if args.cpu_smoke else "cuda"
+    precision = "fp32" if args.cpu_smoke else "bf16"
+    out = []
+    for preset in args.presets.split(","):
+        for rc in args.recompute.split(","):
+            out.append({"name": f"{preset}-{rc}", "preset": preset, "precision": precision,
+                        "over": [f"model.preset={preset}", f"model.recompute={rc}",
+                                 "model.backend=local", f"train.precision={precision}",
+                                 f"train.device={device}"]})
+    if not args.cpu_smoke and importlib.util.find_spec("transformer_engine") is not None:
+        first = args.presets.split(",")[0]
+        for prec in ("bf16", "fp8"):
+            out.append({"name": f"{first}-te-{prec}", "preset": first, "precision": prec,
+                        "over": [f"model.preset={first}", "model.backend=te",
+                                 f"train.precision={prec}", "train.device=cuda"]})
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fixed_batch(trainer, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first micro-batch of samples 0.. (the same for every run of a shape)."""
+    from megamor.data import get_batch
+
+    batch = get_batch(trainer.dataset, list(range(trainer.cfg.train.micro_batch_size)))
+    return batch["tokens"].to(device), batch["labels"].to(device)
+
+
+@torch.no_grad()
+def batch_loss(model, stage, tokens, labels) -> float:
+    """Mean loss of one batch in train-mode routing (top-k), without gradients; the stage's
+    router statistics are left as they were before."""
+    loss = model(input_ids=tokens, labels=labels).float().mean().item()
+    stage.reset_stats()
+    return loss
+
+
+def fp32_loss(trainer, cfg, device, tokens, labels) -> float:
+    """The same batch through an fp32 copy of the trainer's current weights (TF32 off)."""
+    from megamor.model import build_stage, transformer_config
+
+    tcfg = transformer_config(cfg, torch.float32, device_type=device.type)
+    tcfg.perform_initialization = False  # the weights are copied in below
+    ref = build_stage(cfg, tcfg, trainer.vocab_size, 0, cfg.train.seed).to(device)
+    ref.load_state_dict(trainer.stage.state_dict(), strict=True)
+    ref.train()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return batch_loss(ref, ref, tokens, labels)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        del ref
+
+
+def run_one(run: dict, args, resume: str | None) -> dict:
+    from megamor.config import load_config
+    from megamor.flops import peak_flops_per_device
+    from megamor.trainer import Trainer
+
+    over = [*run["over"], f"model.seq_length={args.seq}",
+            f"train.micro_batch_size={args.micro_batch}",
+            f"train.global_batch_size={args.global_batch}", f"train.train_steps={4 * args.steps}",
+            "train.lr=1e-3", "train.warmup_steps=1", "train.log_interval=1",
+            "tracking.enabled=false", "checkpoint.save_on_signal=false",
+            f"run.output_dir={Path(args.out) / run['name']}"]
+    if args.data_root:
+        over.append(f"data.builtin_root={args.data_root}")
+    if resume:
+        over.append(f"checkpoint.resume={resume}")
+    over += args.overrides  # the caller's word is last
+    cfg = load_config(None, over)
+    trainer = Trainer(cfg)
+    device = trainer.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    backend = str(dist.get_backend())
+    RULE.device, seen = device, len(RULE.violations)
+    start_step = trainer.step
+    tokens, labels = fixed_batch(trainer, device)
+    before = batch_loss(trainer.model, trainer.stage, tokens, labels)
+    times, metrics = [], []
+    try:
+        for _ in range(args.steps):
+            sync(device)
+            t0 = time.perf_counter()
+            metrics.append(trainer.train_step())
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        peak_gib = (torch.cuda.max_memory_allocated(device) / 2**30
+                    if device.type == "cuda" else None)  # training only, before the checks
+        saved = None
+        if resume is None and run.get("save"):
+            saved = str(trainer.checkpointer.save(trainer))
+            trainer.checkpointer.wait()
+        low = batch_loss(trainer.model, trainer.stage, tokens, labels)
+        full = fp32_loss(trainer, cfg, device, tokens, labels)
+    finally:
+        RULE.device = None
+    seconds = statistics.median(times[args.warmup:])
+    flops = statistics.median(m["flops"] for m in metrics[args.warmup:])
+    step_tokens = cfg.train.global_batch_size * cfg.model.seq_length
+    peak = peak_flops_per_device(run["precision"], cfg.tracking.peak_flops)
+    losses = [m["loss"] for m in metrics]
+    out = {
+        "name": run["name"], "backend": backend, "resumed_at": start_step if resume else None,
+        "saved": saved, "losses": losses, "batch_loss_before": before, "batch_loss": low,
+        "batch_loss_fp32": full,
+        "rel_diff": abs(low - full) / abs(full), "seconds_per_step": seconds,
+        "tokens_per_s": step_tokens / seconds, "model_tflops_per_gpu": flops / seconds / 1e12,
+        "mfu": flops / seconds / peak if peak else None,
+        "peak_memory_gib": peak_gib,
+        "violations": RULE.violations[seen:],
+    }
+    problems = []
+    if not all(math.isfinite(l) for l in losses):
+        problems.append(f"non-finite loss {losses}")
+    elif not low < before:
+        problems.append(f"the loss of a fixed batch did not fall over {args.steps} steps: "
+                        f"{before:.5f} -> {low:.5f}")
+    if not out["rel_diff"] <= args.tolerance:
+        problems.append(f"loss {low:.5f} vs fp32 reference {full:.5f}: relative difference "
+                        f"{out['rel_diff']:.2e} > {args.tolerance:.0e}")
+    if out["violations"]:
+        problems.append(f"{len(out['violations'])} collective(s) got a tensor off the GPU: "
+                        + "; ".join(out["violations"][:3]))
+    if device.type == "cuda" and "nccl" not in backend:
+        problems.append(f"process group backend {backend!r} has no NCCL")
+    if resume and start_step == 0:
+        problems.append(f"resume from {resume} started at step 0")
+    out["problems"] = problems
+    del trainer
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def fmt(v, spec):
+    """`v` formatted, or a dash of the same width when there is no value (e.g. GPU memory on
+    the CPU)."""
+    return format("-", ">" + spec.split(".")[0]) if v is None else format(v, spec)
+
+
+def main() -> int:
+    args = parse_args()
+    RULE.install()
+    from megamor import parallel
+
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU visible (use --cpu-smoke on a CPU machine)", flush=True)
+        return 2
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    results, saved = [], None
+    plan = runs(args)
+    for i, run in enumerate(plan):
+        # The first run saves a checkpoint and the second (same preset, the next recompute mode)
+        # resumes from it; larger presets skip this (a 1p7b checkpoint is ~27 GB).
+        run["save"] = i == 0
+        resume = saved if i == 1 and run["preset"] == plan[0]["preset"] else None
+        print(f"=== {run['name']}" + (f" (resuming {resume})" if resume else ""), flush=True)
+        t0 = time.perf_counter()
+        try:
+            r = run_one(run, args, resume)
+        except Exception as e:  # noqa: BLE001 - report every run, then fail
+            traceback.print_exc()
+            r = {"name": run["name"], "problems": [f"{type(e).__name__}: {e}"]}
+        r["wall_s"] = time.perf_counter() - t0
+        saved = r.get("saved") or saved
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    parallel.shutdown()
+    (Path(args.out) / "gpu_check.json").write_text(json.dumps(results, indent=1))
+    device = "cpu" if args.cpu_smoke else torch.cuda.get_device_name()
+    print(f"\nGPU check on {device}, torch {torch.__version__}, seq {args.seq}, micro-batch "
+          f"{args.micro_batch}, global batch {args.global_batch}, {args.steps} steps "
+          f"({args.warmup} untimed)")
+    print(f"{'run':<18} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} {'loss':>8} "
+          f"{'vs fp32':>9} {'wall s':>7}  status")
+    failed = 0
+    for r in results:
+        ok = not r["problems"]
+        failed += not ok
+        print(f"{r['name']:<18} {fmt(r.get('tokens_per_s'), '9.0f')} "
+              f"{fmt(r.get('model_tflops_per_gpu'), '8.1f')} "
+              f"{fmt(r.get('mfu') and 100 * r['mfu'], '5.1f')}% "
+              f"{fmt(r.get('peak_memory_gib'), '9.1f')} "
+              f"{fmt(r.get('losses') and r['losses'][-1], '8.4f')} "
+              f"{fmt(r.get('rel_diff'), '9.1e')} {r['wall_s']:7.0f}  "
+              f"{'ok' if ok else 'FAILED: ' + ' | '.join(r['problems'])}")
+    print(f"gpu_check: {len(results) - failed} of {len(results)} runs passed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Pipeline balance on CPU: the cost model's predicted stage loads against measured ones.
+
+    python benchmarks/pipeline_balance.py [--pp 2,4] [--steps 4] [--overhead] [--json FILE]
+
+For each pipeline size, launches that many gloo ranks of tests/scenarios/stage_busy.py (a
+trainer-level expert-choice run on a shape where matmuls dominate: hidden 256, sequence 256,
+vocabulary 4096, micro-batch 2, 4 micro-batches) and prints, per stage, the predicted load
+(megamor.flops.pipeline_costs with the CPU layer overhead) and the measured forward+backward CPU
+seconds (best call over the measured steps), both relative to the slowest stage, and the useful
+fraction (mean / max) of each. `--overhead` measures the CPU layer overhead the cost model uses
+(`layer_overhead`: one unrolled layer per stage, 8 ranks).
+Results in docs/performance.md ("Pipeline balance").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPE = ["model.preset=tiny", "model.arch=mor", "model.hidden_size=256",
+         "model.num_attention_heads=4", "model.num_query_groups=2", "model.ffn_hidden_size=704",
+         "model.seq_length=256", "model.vocab_size=4096", "train.micro_batch_size=2",
+         "train.global_batch_size=8"]
+
+
+def _env() -> dict:
+    e = dict(os.environ)
+    e["OMP_NUM_THREADS"] = "1"
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def measure(pp: int, steps: int, tmp: Path) -> dict:
+    out = tmp / f"pp{pp}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={pp}",
+           str(ROOT / "tests" / "scenarios" / "stage_busy.py"), "--out", str(out), "--steps",
+           str(steps), *SHAPE, f"parallel.pipeline_model_parallel_size={pp}",
+           f"data.builtin_root={tmp / 'builtin'}", f"run.output_dir={tmp / 'run'}"]
+    subprocess.run(cmd, env=_env(), check=True, capture_output=True, text=True)
+    return json.loads(out.read_text())
+
+
+def predicted(result: dict) -> list[float]:
+    from megamor.config import load_config
+    from megamor.flops import LAYER_OVERHEAD, pipeline_costs
+    from megamor.model.layout import build_plan
+
+    cfg = load_config(None, SHAPE)
+    m = cfg.model
+    plan = build_plan(m.arch, m.num_layers, m.num_recursions, m.sharing,
+                      cfg.routing.capacities(m.num_recursions))
+    costs = pipeline_costs(m, plan, m.seq_length, result["vocab_size"], cfg.routing,
+                           LAYER_OVERHEAD["cpu"])
+    return costs.loads([b - a for a, b in result["ranges"]])
+
+
+def layer_overhead(steps: int, tmp: Path) -> dict:
+    """The CPU layer overhead from one unrolled layer per stage (PP 8 of the 8-layer shape): the
+    last stage runs the coda layer and the output layer, stages 0-2 one full-length layer each,
+    so output time = last - mean(first three); overhead = (output FLOPs / layer FLOPs) x
+    (layer time / output time) - 1, what makes a layer slower per FLOP than the output matmul."""
+    got = measure(8, steps, tmp)
+    t = [s["compute_cpu_best"] for s in got["stages"]]
+    from megamor.config import load_config
+    from megamor.flops import pipeline_costs
+    from megamor.model.layout import build_plan
+
+    cfg = load_config(None, SHAPE)
+    m = cfg.model
+    plan = build_plan(m.arch, m.num_layers, m.num_recursions, m.sharing,
+                      cfg.routing.capacities(m.num_recursions))
+    costs = pipeline_costs(m, plan, m.seq_length, got["vocab_size"], cfg.routing)
+    layer = sum(t[:3]) / 3
+    output = t[-1] - layer
+    return {"stage_cpu_s": t, "layer_s": layer, "output_s": output,
+            "output_flops_in_layers": costs.last / costs.layers[0],
+            "overhead": costs.last / costs.layers[0] * layer / output - 1.0}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pp", default="2,4")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--overhead", action="store_true", help="also measure the CPU layer overhead")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    from megamor.model.layout import useful_fraction
+
+    report = {}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        if args.overhead:
+            r = report["overhead"] = layer_overhead(args.steps, tmp)
+            print(f"PP 8, CPU s per stage: {' '.join(f'{x:.3f}' for x in r['stage_cpu_s'])}")
+            print(f"layer {r['layer_s']:.3f} s, output layer {r['output_s']:.3f} s for "
+                  f"{r['output_flops_in_layers']:.2f} layers' FLOPs -> layer overhead "
+                  f"{r['overhead']:.2f} (megamor.flops.LAYER_OVERHEAD['cpu'])")
+        for pp in [int(x) for x in args.pp.split(",")]:
+            got = measure(pp, args.steps, tmp)
+            pred = predicted(got)
+            meas = [s["compute_cpu_best"] for s in got["stages"]]
+            report[f"pp{pp}"] = {"ranges": got["ranges"], "predicted": pred, "measured_s": meas,
+                                 "stages": got["stages"]}
+            print(f"PP {pp}: layers per stage {[b - a for a, b in got['ranges']]}")
+            print(f"  predicted load / max   {' '.join(f'{x / max(pred):6.3f}' for x in pred)}"
+                  f"   useful {useful_fraction(pred):.3f}")
+            print(f"  measured CPU s / max   {' '.join(f'{x / max(meas):6.3f}' for x in meas)}"
+                  f"   useful {useful_fraction(meas):.3f}"
+                  f"   ({' '.join(f'{x:.3f}' for x in meas)} s per step)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Multi-rank scenario: the trainer's step, checkpoint (save + resume), depth-map and signal paths
+under `collective_guard`, which records every torch.distributed call and flags each tensor an
+NCCL group could not take (see collective_guard.py for the rule).
+
+    nccl_path.py --out FILE [--resume-with OVERRIDE ...] [overrides ...]   (under torchrun)
+
+Run 1 gets SIGUSR1 on rank 0 after step 3 (every rank saves, exit 75), then draws a depth
+map; run 2 resumes from that checkpoint and finishes (and saves). Before run 1 the guard proves,
+on the live process groups, that it flags a host tensor and passes a device tensor. Rank r
+writes FILE.r (JSON).
+"""
+
+import argparse
+import json
+import os
+import signal
+import sys
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import collective_guard  # noqa: E402  (before megatron: it captures collectives at import)
+from megamor.shims import install_cpu_shims  # noqa: E402
+
+install_cpu_shims()
+GUARD = collective_guard.install()
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from megamor import parallel  # noqa: E402
+from megamor.config import load_config  # noqa: E402
+from megamor.trainer import Preempted, Trainer  # noqa: E402
+
+
+def probe(dims) -> dict:
+    """The guard, on the live groups: a host tensor is flagged, a device tensor is not."""
+    before = len(GUARD.violations)
+    dist.all_reduce(torch.zeros(1), group=dims.pp_group)
+    flagged = len(GUARD.violations) - before
+    dist.all_reduce(torch.zeros(1, device=dims.device), group=dims.pp_group)
+    passed = len(GUARD.violations) - before == flagged
+    del GUARD.violations[before:]
+    GUARD.calls.clear()
+    return {"host_flagged": flagged, "device_passed": passed}
+
+
+def signal_after(trainer, step: int) -> None:
+    """SIGUSR1 to this process once `step` is trained (what Slurm sends before the time limit)."""
+    train_step = trainer.train_step
+
+    def wrapped():
+        m = train_step()
+        if trainer.step == step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return m
+
+    trainer.train_step = wrapped
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--resume-with", action="append", default=[], help="override for run 2 only")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    common = [*args.overrides, "checkpoint.save_on_signal=true", "tracking.enabled=false",
+              "tracking.depth_map_interval=0"]
+    out: dict = {}
+
+    first = Trainer(load_config(None, common))
+    out["probe"] = probe(first.dims)
+    if first.dims.rank == 0:
+        signal_after(first, 3)
+    try:
+        first.train()
+        out["exit"] = None
+    except Preempted as e:
+        out["exit"] = e.code
+    out["depths"] = first.routing_depths(first.depth_map_ids[:16])
+    second = Trainer(load_config(None, common + ["checkpoint.resume=auto", *args.resume_with]))
+    out["resumed_at"] = second.step
+    out["losses"] = [m["loss"] for m in first.history + second.train()]
+    out.update(GUARD.report())
+    Path(f"{args.out}.{dist.get_rank()}").write_text(json.dumps(out))
+    parallel.shutdown()
+
+
+if __name__ == "__main__":
+    main()

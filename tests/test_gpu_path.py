@@ -1,0 +1,92 @@
+"""The GPU path, checked on CPU: collectives an NCCL group accepts, fusions chosen from what is
+installed, and the GPU check script's CPU smoke run."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+from conftest import ROOT, run_ranks
+from megamor.kernels import apex_wgrad_available, fusion_flags
+
+TINY = ["model.preset=tiny", "model.seq_length=64", "train.micro_batch_size=2",
+        "train.global_batch_size=8", "train.train_steps=4", "train.warmup_steps=1",
+        "train.log_interval=1"]
+
+
+def test_training_collectives_are_nccl_legal(tmp_path, builtin_root):
+    """Step, save, signal, depth map and resume over PP2 with every torch.distributed call
+    recorded: no host tensor reaches a collective (NCCL would reject it), and the guard saw
+    each of megamor's own collectives (so it was looking)."""
+    out = tmp_path / "guard"
+    # Token-choice routing: its balancing loss and (after the resume, loss-free) bias update
+    # reduce over data parallel; the checkpoint holds the same tensors under either balancing.
+    run_ranks(2, "nccl_path.py", [
+        "--out", str(out), "--resume-with=routing.balancing=loss_free", *TINY,
+        "parallel.pipeline_model_parallel_size=2", "routing.type=token_choice",
+        f"data.builtin_root={builtin_root}", f"run.output_dir={tmp_path / 'run'}"])
+    ranks = [json.loads((tmp_path / f"guard.{r}").read_text()) for r in range(2)]
+    for r in ranks:
+        assert r["probe"] == {"host_flagged": 1, "device_passed": True}
+        assert r["violations"] == [], "\n".join(r["violations"])
+        assert r["exit"] == 75 and r["resumed_at"] == 3
+        assert len(r["losses"]) == 4 and all(math.isfinite(l) for l in r["losses"])
+    assert len(ranks[0]["depths"]) == 16 and ranks[1]["depths"] is None
+    seen = set(ranks[0]["calls"]) | set(ranks[1]["calls"])
+    expected = {
+        "all_reduce @ megamor/trainer.py:_reduce_metrics",
+        "all_reduce @ megamor/trainer.py:_signal_agreed",
+        "all_reduce @ megamor/parallel.py:allreduce_shared_grads",
+        "all_gather_object @ megamor/trainer.py:routing_depths",
+        "all_reduce @ megamor/model/routing.py:balancing_loss",
+        "all_reduce @ megamor/model/routing.py:update_bias",
+    }
+    assert expected <= seen, sorted(seen)
+    for call in ("barrier", "all_gather_object"):  # checkpoint save and load
+        assert any(k.startswith(f"{call} @ megamor/checkpoint.py:") for k in seen), sorted(seen)
+    assert any(k.startswith(("isend @", "send @")) for k in seen), sorted(seen)
+    assert any(k.startswith(("irecv @", "recv @")) for k in seen), sorted(seen)
+
+
+JIT = {"bias_activation_fusion", "bias_dropout_fusion", "cross_entropy_loss_fusion"}
+
+
+def on(flags: dict) -> set:
+    return {k for k, v in flags.items() if v}
+
+
+def test_fusions_follow_device_and_installed_kernels():
+    """GPU: megatron's jit-fused kernels always, apex's weight-gradient fusion when apex is
+    there (Transformer Engine alone changes no flag: the local output layer needs apex's kernel);
+    CPU: none. Then the flags in the TransformerConfig megamor builds."""
+    from megamor.config import load_config
+    from megamor.model import transformer_config
+
+    assert on(fusion_flags("cuda", apex_wgrad=False)) == JIT  # neither, or TE only
+    assert on(fusion_flags("cuda", apex_wgrad=True)) == JIT | {"gradient_accumulation_fusion"}
+    assert on(fusion_flags("cpu", apex_wgrad=True)) == set()
+    names = set(fusion_flags("cpu", False))
+    cfg = load_config(None, ["model.preset=tiny"])
+    assert {k for k in names if getattr(transformer_config(cfg, torch.float32), k)} == set()
+    # A GPU config with what this machine has (megatron validates the flags it is given).
+    gpu = transformer_config(cfg, torch.float32, device_type="cuda")
+    assert {k for k in names if getattr(gpu, k)} == on(fusion_flags("cuda", apex_wgrad_available()))
+
+
+def test_gpu_check_driver_runs_on_cpu(tmp_path, builtin_root):
+    """`benchmarks/gpu_check.sh --cpu-smoke`: the GPU check's driver end to end on CPU/gloo
+    (train, save, resume in the next run, fp32 reference, figures); on CPU the reference
+    computes exactly what the run computes."""
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--out", str(tmp_path),
+         "--data-root", str(builtin_root)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gpu_check: 2 of 2 runs passed" in proc.stdout
+    first, second = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert first["saved"] and second["resumed_at"] == 3
+    for r in (first, second):
+        assert r["rel_diff"] == 0.0 and r["tokens_per_s"] > 0 and r["violations"] == []

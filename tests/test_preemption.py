@@ -1,0 +1,141 @@
+"""Preemption and process lifecycle through the user's own command (`megamor pretrain --nproc 2`):
+a stop signal after periodic checkpoints (sync and async, SIGTERM and Ctrl-C's SIGINT) saves,
+exits 75 with one line and resumes to the uninterrupted run's losses; kill -9 of the launcher's
+process group leaves no rank or checkpoint writer running; one rank killed ends the job.
+Slurm's side (USR1 -> requeue) is in tests/test_slurm.py."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 12
+RUN = ["model.preset=tiny", "model.seq_length=64", "train.global_batch_size=8",
+       "train.micro_batch_size=4", "train.warmup_steps=1", "train.log_interval=1",
+       "checkpoint.keep_last=10", "tracking.enabled=false", "tracking.depth_map_interval=0",
+       f"train.train_steps={STEPS}", "checkpoint.save_interval=3"]
+NOISE = ("Traceback", "FAILED", "Error", "KeyboardInterrupt", "BrokenPipe", "torch.distributed")
+
+
+def launch(out: Path, builtin, extra=(), resume=False, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "megamor.cli", "pretrain", "--nproc", "2", *RUN,
+           f"data.builtin_root={builtin}", f"run.output_dir={out}", *extra]
+    cmd += ["--resume", "auto"] if resume else []
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), **popen)
+
+
+def read_until(proc: subprocess.Popen, text: str, timeout: float = 300) -> list[str]:
+    seen, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return seen
+        assert time.time() < deadline, f"no {text!r} in time:\n{''.join(seen[-30:])}"
+    raise AssertionError(f"exited ({proc.wait()}) before {text!r}:\n{''.join(seen[-40:])}")
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def tree(proc: subprocess.Popen) -> list[psutil.Process]:
+    return psutil.Process(proc.pid).children(recursive=True)
+
+
+def wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return alive
+
+
+def stop_with(proc: subprocess.Popen, sig: int, after_step: int, out: Path) -> str:
+    """Send `sig` once step `after_step` is logged (a periodic checkpoint is complete, or in
+    flight when asynchronous): SIGINT to the launcher's process group, as Ctrl-C in a terminal
+    does, other signals to the launcher. Check the clean, one-line stop; return the output
+    after the signal."""
+    read_until(proc, f"step {after_step:>5} |")
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    rest, _ = proc.communicate(timeout=300)
+    name = signal.Signals(sig).name
+    assert proc.returncode == 75, rest
+    assert not [l for l in rest.splitlines() if any(n in l for n in NOISE)], rest
+    said = [l for l in rest.splitlines() if "exiting with 75" in l]
+    assert len(said) == 1 and said[0].startswith(f"{name}: saved "), rest
+    marker = json.loads((out / "preempted.json").read_text())
+    k = marker["step"]
+    assert after_step < k <= after_step + 2 and marker["signal"] == name, marker
+    ck = out / "checkpoints"
+    assert (ck / "latest").read_text() == f"step_{k:08d}" == Path(marker["checkpoint"]).name
+    assert (ck / f"step_{k:08d}" / "megamor.json").is_file()
+    assert not list(ck.glob(".tmp.*")), list(ck.iterdir())  # nothing half-written left
+    return rest
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, builtin_root):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    proc = launch(out, builtin_root)
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, text[-4000:]
+    return losses(out)
+
+
+def test_signal_after_periodic_saves_resumes_to_same_loss(reference, tmp_path, builtin_root):
+    """SIGTERM after a sync periodic save, then, resumed with async saves, Ctrl-C (SIGINT) while
+    a periodic save may still be writing; the third run finishes with the reference's losses.
+    (Before the fix: BrokenPipeError in megatron's writer, a leftover .tmp.step_*, exit 1; and
+    Ctrl-C printed four tracebacks.)"""
+    out = tmp_path / "run"
+    stop_with(launch(out, builtin_root), signal.SIGTERM, 4, out)
+    proc = launch(out, builtin_root, ["checkpoint.async_save=true"], resume=True,
+                  start_new_session=True)
+    stop_with(proc, signal.SIGINT, 7, out)
+    proc = launch(out, builtin_root, resume=True)
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and not (out / "preempted.json").exists(), text[-4000:]
+    got = losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got == reference  # fp32 on CPU: exact
+
+
+def test_kill_9_of_launcher_group_leaves_no_process(tmp_path, builtin_root):
+    """kill -9 of the launcher's process group (a terminal closing, a batch system cleaning
+    up): torchrun, the ranks and their checkpoint writers all end within seconds."""
+    out = tmp_path / "run"
+    proc = launch(out, builtin_root, ["checkpoint.save_interval=1", "train.train_steps=1000"],
+                  start_new_session=True)
+    read_until(proc, "step     2 |")  # a save happened: the writer's helper process exists
+    procs = tree(proc)
+    ranks = [p for p in procs if "megamor.cli" in " ".join(p.cmdline()) and p.ppid() != proc.pid]
+    assert len(ranks) >= 2, [p.cmdline() for p in procs]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    alive = wait_gone(procs, timeout=20)
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
+    steps = len((out / "metrics.jsonl").read_text().splitlines())
+    time.sleep(2)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == steps  # nobody trains on
+
+
+def test_one_rank_killed_ends_the_job(tmp_path, builtin_root):
+    out = tmp_path / "run"
+    proc = launch(out, builtin_root, ["train.train_steps=1000"])
+    read_until(proc, "step     2 |")
+    procs = tree(proc)
+    ranks = psutil.Process(proc.pid).children()[0].children()  # torchrun's children
+    t0 = time.time()
+    ranks[-1].kill()
+    text, _ = proc.communicate(timeout=150)
+    assert time.time() - t0 < 120 and proc.returncode not in (0, 75), (proc.returncode, text)
+    assert not wait_gone(procs, timeout=10)
