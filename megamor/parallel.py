@@ -11,7 +11,6 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -1,10 +1,10 @@
 """Sharded checkpoints through the user's own command (`megamor pretrain`, gloo ranks):
-exact resume, resume on other layouts, kill -9 during a save, SIGUSR1, bad checkpoints."""
+exact resume, resume on other layouts, kill -9 during a save, bad checkpoints. (Signals and
+preemption, MLflow continuation across them included: tests/test_preemption.py.)"""
 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -107,51 +107,6 @@ def test_baselines_resume_on_another_layout(tmp_path, builtin_root, arch):
     ref, got = metrics(full), metrics(out)
     for s in (3, 4):
         assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-5), s
-
-
-def _wait_for_line(proc, text, timeout=300):
-    deadline = time.time() + timeout
-    seen = []
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        seen.append(line)
-        if text in line:
-            return seen
-    raise AssertionError(f"never saw {text!r}:\n{''.join(seen[-30:])}")
-
-
-def test_sigusr1_saves_and_exits_then_resume_finishes(tmp_path, builtin_root):
-    over = EC + ["train.train_steps=40", "train.micro_batch_size=4"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = tmp_path / "sig"
-    proc = subprocess.Popen(cmd(out, builtin_root, 2, over), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
-    _wait_for_line(proc, "step     3 |")
-    proc.send_signal(signal.SIGUSR1)
-    rest, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 75, rest[-3000:]
-    marker = json.loads((out / "preempted.json").read_text())
-    k = marker["step"]
-    assert 3 <= k < 40 and f"step_{k:08d}" in marker["checkpoint"]
-    assert find_latest(out / "checkpoints").name == f"step_{k:08d}"
-    pretrain(out, builtin_root, 2, over, resume="auto")
-    full = tmp_path / "full"
-    pretrain(full, builtin_root, 2, over)
-    a, b = metrics(full), metrics(out)
-    assert sorted(b) == list(range(1, 41))  # no step missing or duplicated across the restart
-    assert b[40]["loss"] == a[40]["loss"]
-    # The resumed run continued the same MLflow run (its id travels in the checkpoint).
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    hist = client.get_metric_history(runs[0].info.run_id, "loss")
-    assert sorted(h.step for h in hist) == list(range(1, 41))
-    assert {h.step: h.value for h in hist}[40] == pytest.approx(a[40]["loss"])
 
 
 def test_kill_9_during_save_leaves_previous_checkpoint(tmp_path, builtin_root):

@@ -97,16 +97,25 @@ def test_signal_after_periodic_saves_resumes_to_same_loss(reference, tmp_path, b
     (Before the fix: BrokenPipeError in megatron's writer, a leftover .tmp.step_*, exit 1; and
     Ctrl-C printed four tracebacks.)"""
     out = tmp_path / "run"
-    stop_with(launch(out, builtin_root), signal.SIGTERM, 4, out)
-    proc = launch(out, builtin_root, ["checkpoint.async_save=true"], resume=True,
+    mlflow = ["tracking.enabled=true"]
+    stop_with(launch(out, builtin_root, mlflow), signal.SIGTERM, 4, out)
+    proc = launch(out, builtin_root, mlflow + ["checkpoint.async_save=true"], resume=True,
                   start_new_session=True)
     stop_with(proc, signal.SIGINT, 7, out)
-    proc = launch(out, builtin_root, resume=True)
+    proc = launch(out, builtin_root, mlflow, resume=True)
     text, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0 and not (out / "preempted.json").exists(), text[-4000:]
     got = losses(out)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert got == reference  # fp32 on CPU: exact
+    # The resumed runs continued the same MLflow run (its id travels in the checkpoint).
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    hist = client.get_metric_history(runs[0].info.run_id, "loss")
+    assert sorted(h.step for h in hist) == list(range(1, STEPS + 1))
+    assert {h.step: h.value for h in hist} == pytest.approx(reference)
 
 
 def test_kill_9_of_launcher_group_leaves_no_process(tmp_path, builtin_root):

@@ -6,7 +6,6 @@ Tensors follow megatron's layout: hidden states are [s, b, h] (sequence first).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
