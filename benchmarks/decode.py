@@ -14,10 +14,12 @@ printed next to the timings.
 
 Timing: cached decoding of --new tokens (teacher-forced, see `decode`) after a --prompt-token prefill (prefill not timed), at
 each batch size; the kinds are interleaved round-robin for --reps repetitions and the median is
-reported, so machine noise hits all alike. KV memory: bytes of the K/V entries stored after the
-run (recursion-wise caching stores only the tokens each step processed).
+reported, so machine noise hits all alike; speeds are given against megamor's vanilla path and
+against transformers' Llama (the model a user would compare with). KV memory: bytes of the K/V
+entries stored after the run (recursion-wise caching stores only the tokens each step
+processed) and of the buffers allocated to hold them (they grow geometrically).
 
-    python benchmarks/decode.py [--batches 1,32] [--new 64] [--prompt 64] [--reps 3]
+    python benchmarks/decode.py [--batches 1,32] [--new 64] [--prompt 64] [--reps 3] [--kinds ...]
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def decode(model, prompt: torch.Tensor, continuation: torch.Tensor):
     out = model(prompt, use_cache=True)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     new = continuation.shape[1]
-    counts, t0 = {}, time.perf_counter()
+    traces, t0 = [], time.perf_counter()
     for i in range(new):
         nxt = continuation[:, i:i + 1]
         trace = {} if isinstance(model, MoRForCausalLM) else None
@@ -117,14 +119,16 @@ def decode(model, prompt: torch.Tensor, continuation: torch.Tensor):
         out = model(nxt, cache=cache, use_cache=True, **kw)
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         out.logits[:, -1].argmax(-1)
-        for r, m in (trace or {}).items():
-            counts[r] = counts.get(r, 0) + m.float().mean().item() / new
-    return time.perf_counter() - t0, cache, counts
+        traces.append(trace or {})
+    seconds = time.perf_counter() - t0  # the routing statistics below are not timed
+    counts = {r: sum(t[r].float().mean().item() for t in traces) / new for r in traces[0]}
+    return seconds, cache, counts
 
 
-def kv_bytes(cache) -> int:
+def kv_bytes(cache, allocated: bool = False) -> int:
+    """Bytes of the stored K/V entries (allocated: of the buffers holding them)."""
     if hasattr(cache, "nbytes"):
-        return cache.nbytes()
+        return cache.nbytes(allocated)
     total = 0  # transformers DynamicCache
     for layer in cache.layers:
         total += layer.keys.numel() * layer.keys.element_size() * 2
@@ -137,25 +141,34 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--kinds", default="vanilla,mor2,mor3,mor4,mor3_kvshare,hf_llama",
+                    help="models to time (vanilla is always included: the ratios' base)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    kinds = set(args.kinds.split(",")) | {"vanilla"}
+    unknown = kinds - {"vanilla", "mor2", "mor3", "mor4", "mor3_kvshare", "hf_llama"}
+    if unknown:
+        ap.error(f"--kinds: unknown model(s) {sorted(unknown)}")
     torch.manual_seed(1)
     g = torch.Generator().manual_seed(1)
     calib = torch.randint(0, SHAPE["vocab_size"], (4, 128), generator=g)
     models = {"vanilla": build(None)}
     fractions = {}
     for n in (2, 3, 4):
-        models[f"mor{n}"] = build(n)
-        fractions[f"mor{n}"] = calibrate(models[f"mor{n}"], calib)
-    models["mor3_kvshare"] = build(3, kv_sharing=True)
-    fractions["mor3_kvshare"] = calibrate(models["mor3_kvshare"], calib)
+        if f"mor{n}" in kinds:
+            models[f"mor{n}"] = build(n)
+            fractions[f"mor{n}"] = calibrate(models[f"mor{n}"], calib)
+    if "mor3_kvshare" in kinds:
+        models["mor3_kvshare"] = build(3, kv_sharing=True)
+        fractions["mor3_kvshare"] = calibrate(models["mor3_kvshare"], calib)
     from transformers import LlamaConfig, LlamaForCausalLM
     llama = LlamaForCausalLM(LlamaConfig(**SHAPE, num_hidden_layers=DEPTH, head_dim=64,
                                          tie_word_embeddings=True, attention_bias=False,
                                          mlp_bias=False)).eval()
     missing = llama.load_state_dict(models["vanilla"].state_dict(), strict=False)
     assert not missing.unexpected_keys, missing
-    models["hf_llama"] = llama
+    if "hf_llama" in kinds:
+        models["hf_llama"] = llama
     print("calibrated fraction of calibration tokens per step:", fractions)
 
     results = []
@@ -168,22 +181,25 @@ def main():
             for kind, model in models.items():
                 dt, cache, counts = decode(model, prompt, continuation)
                 times[kind].append(dt)
-                info[kind] = (kv_bytes(cache), counts)
+                info[kind] = (kv_bytes(cache), kv_bytes(cache, allocated=True), counts)
         base_t = statistics.median(times["vanilla"])
+        llama_t = statistics.median(times["hf_llama"]) if "hf_llama" in times else float("nan")
         base_kv = info["vanilla"][0]
         print(f"\nbatch {batch}: {args.new} new tokens after a {args.prompt}-token prompt, "
               f"median of {args.reps}")
-        print(f"{'model':14s} {'decode tok/s':>13s} {'speed vs vanilla':>17s} {'KV MiB':>8s} "
-              f"{'KV vs vanilla':>14s}  tokens reaching each step")
+        print(f"{'model':14s} {'decode tok/s':>13s} {'vs vanilla':>11s} {'vs hf_llama':>12s} "
+              f"{'KV MiB':>8s} {'KV vs vanilla':>14s} {'allocated MiB':>14s}  tokens reaching each step")
         for kind in models:
             t = statistics.median(times[kind])
-            kv, counts = info[kind]
+            kv, alloc, counts = info[kind]
             row = dict(model=kind, batch=batch, tokens_per_s=batch * args.new / t,
-                       speedup=base_t / t, kv_bytes=kv, kv_ratio=kv / base_kv,
+                       speedup=base_t / t, speedup_vs_hf_llama=llama_t / t, kv_bytes=kv,
+                       kv_ratio=kv / base_kv, kv_allocated_bytes=alloc,
                        step_fractions=[round(counts[r], 3) for r in sorted(counts)])
             results.append(row)
-            print(f"{kind:14s} {row['tokens_per_s']:13.0f} {row['speedup']:16.2f}x "
-                  f"{kv / 2**20:8.2f} {row['kv_ratio']:13.2f}x  {row['step_fractions']}")
+            print(f"{kind:14s} {row['tokens_per_s']:13.0f} {row['speedup']:10.2f}x "
+                  f"{row['speedup_vs_hf_llama']:11.2f}x {kv / 2**20:8.2f} {row['kv_ratio']:13.2f}x "
+                  f"{alloc / 2**20:14.2f}  {row['step_fractions']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -19,7 +19,9 @@ transformers. It computes what megamor's megatron model computes in eval mode (M
   nothing and read the K/V of step 1's layer in the same slot (all tokens).
 
 Without a cache (use_cache=False) the same code runs with a throw-away cache, so cached decoding
-and full recomputation follow one definition. Padding (attention_mask == 0, left or right) is
+and full recomputation follow one definition. Decoding (one new column) takes a fast path with
+the same result: active tokens are row selections, K/V are written in place into preallocated
+buffers, and attention reads the whole batch's cache where it lies (tests/test_decode.py). Padding (attention_mask == 0, left or right) is
 never processed and never cached; positions count real tokens only.
 """
 
@@ -44,10 +46,13 @@ _CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclas
 class RecursionKVCache:
     """Per unrolled layer: K/V of the tokens that layer processed, with their positions.
 
-    k[l], v[l]: [batch, capacity, kv_heads, head_dim]; pos[l]: [batch, capacity] original
-    positions; length[l]: [batch] valid entries per sequence. Sequences grow independently
-    (a token skipped by a recursion step adds nothing there). Layers that read another layer's
-    K/V (recursive KV sharing) own no entries.
+    k[l], v[l]: [batch, kv_heads, capacity, head_dim] (the layout SDPA reads without a copy);
+    pos[l]: [batch, capacity] original positions; length[l]: [batch] valid entries per sequence.
+    Sequences grow independently (a token skipped by a recursion step adds nothing there).
+    Buffers grow geometrically; bound[l] is max(length[l]) kept on the host (read back only
+    when a step appends to part of the batch), and uniform[l] says every sequence holds exactly
+    bound[l] entries (no key mask needed). Layers that read another layer's K/V
+    (recursive KV sharing) own no entries.
     """
 
     def __init__(self, num_layers: int):
@@ -55,53 +60,103 @@ class RecursionKVCache:
         self.v: list = [None] * num_layers
         self.pos: list = [None] * num_layers
         self.length: list = [None] * num_layers
+        self.bound = [0] * num_layers
+        self.uniform = [True] * num_layers
         self.seen = 0  # columns of input already consumed (including padding)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 
-    def append(self, layer: int, batch: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               pos: torch.Tensor, valid: torch.Tensor) -> None:
-        """rows [m]: batch rows of the gathered sequences; k, v [m, t, G, d]; pos, valid [m, t]."""
+    def _reserve(self, layer: int, batch: int, k: torch.Tensor, pos: torch.Tensor, need: int) -> None:
         if self.k[layer] is None:
-            m, t, g, d = k.shape
-            self.k[layer] = k.new_zeros(batch, 0, g, d)
-            self.v[layer] = v.new_zeros(batch, 0, g, d)
+            g, d = k.shape[-2], k.shape[-1]
+            self.k[layer] = k.new_zeros(batch, g, 0, d)
+            self.v[layer] = k.new_zeros(batch, g, 0, d)
             self.pos[layer] = pos.new_zeros(batch, 0)
             self.length[layer] = pos.new_zeros(batch)
+        cap = self.pos[layer].shape[1]
+        if need > cap:
+            new = max(need, cap + max(16, cap // 2))  # geometric (x1.5)
+            self.k[layer] = self._grow(self.k[layer], 2, new)
+            self.v[layer] = self._grow(self.v[layer], 2, new)
+            self.pos[layer] = self._grow(self.pos[layer], 1, new)
+
+    def append(self, layer: int, batch: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               pos: torch.Tensor, valid: torch.Tensor, whole: bool) -> None:
+        """Several tokens per sequence (prefill). rows [m]: batch rows of the gathered sequences;
+        k, v [m, t, G, d]; pos, valid [m, t]; whole: every row, every token valid."""
+        self._reserve(layer, batch, k, pos, 0)
         start = self.length[layer][rows]  # [m]
         added = valid.sum(1)
         need = int((start + added).max())
-        cap = self.k[layer].shape[1]
-        if need > cap:
-            new = max(need, cap + max(64, cap // 2))
-            self.k[layer] = self._grow(self.k[layer], new)
-            self.v[layer] = self._grow(self.v[layer], new)
-            self.pos[layer] = self._grow(self.pos[layer], new)
+        self._reserve(layer, batch, k, pos, need)
         slot = start.unsqueeze(1) + valid.long().cumsum(1) - 1
         r = rows.unsqueeze(1).expand_as(slot)[valid]
         c = slot[valid]
-        self.k[layer][r, c] = k[valid]
-        self.v[layer][r, c] = v[valid]
+        self.k[layer][r, :, c] = k[valid]
+        self.v[layer][r, :, c] = v[valid]
         self.pos[layer][r, c] = pos[valid]
         self.length[layer][rows] = start + added
+        self.bound[layer] = max(self.bound[layer], need)
+        self.uniform[layer] = self.uniform[layer] and whole
+
+    def append_one(self, layer: int, batch: int, rows: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor, pos: torch.Tensor) -> None:
+        """One new token for each of the sequences `rows` [m] (decoding): k, v [m, G, d];
+        pos [m]."""
+        self._reserve(layer, batch, k, pos, self.bound[layer] + 1)
+        whole = rows.numel() == batch
+        length = self.length[layer]
+        start = length if whole else length.index_select(0, rows)
+        # flat index_copy_ (an index_put over [rows, :, start] costs several times more)
+        kb, vb, pb = self.k[layer], self.v[layer], self.pos[layer]
+        g, cap, d = kb.shape[1], kb.shape[2], kb.shape[3]
+        slot = rows * cap + start  # [m] flat (row, position)
+        heads = (rows.unsqueeze(1) * g + torch.arange(g, device=rows.device)) * cap  # [m, G]
+        flat = (heads + start.unsqueeze(1)).reshape(-1)
+        kb.view(-1, d).index_copy_(0, flat, k.reshape(-1, d))
+        vb.view(-1, d).index_copy_(0, flat, v.reshape(-1, d))
+        pb.view(-1).index_copy_(0, slot, pos)
+        if whole:
+            length += 1
+            self.bound[layer] += 1
+        else:  # exact bound (one host read): a deep layer's rows lag behind the step count
+            length.index_add_(0, rows, torch.ones_like(rows))
+            if rows.numel():
+                self.bound[layer] = max(self.bound[layer], int(start.max()) + 1)
+        self.uniform[layer] = self.uniform[layer] and whole
 
     @staticmethod
-    def _grow(t: torch.Tensor, cap: int) -> torch.Tensor:
-        out = t.new_zeros((t.shape[0], cap) + tuple(t.shape[2:]))
-        out[:, : t.shape[1]] = t
+    def _grow(t: torch.Tensor, dim: int, cap: int) -> torch.Tensor:
+        shape = list(t.shape)
+        shape[dim] = cap
+        out = t.new_zeros(shape)
+        out.narrow(dim, 0, t.shape[dim]).copy_(t)
         return out
 
     def entries(self, layer: int, rows: torch.Tensor):
-        """-> K, V [m, n, G, d], positions [m, n], valid [m, n] for the given batch rows
+        """-> K, V [m, G, n, d], positions [m, n], valid [m, n] for the given batch rows
         (views, no copy, when the rows are the whole batch)."""
         whole = rows.numel() == self.k[layer].shape[0]
         length = self.length[layer] if whole else self.length[layer][rows]
         n = int(length.max())
         valid = torch.arange(n, device=length.device).unsqueeze(0) < length.unsqueeze(1)
         if whole:
-            return self.k[layer][:, :n], self.v[layer][:, :n], self.pos[layer][:, :n], valid
-        return (self.k[layer][rows, :n], self.v[layer][rows, :n], self.pos[layer][rows, :n], valid)
+            return self.k[layer][:, :, :n], self.v[layer][:, :, :n], self.pos[layer][:, :n], valid
+        return (self.k[layer][rows, :, :n], self.v[layer][rows, :, :n], self.pos[layer][rows, :n],
+                valid)
+
+    def all_entries(self, layer: int):
+        """Decoding: K, V [batch, G, n, d] of every sequence (views, n = bound) and the key mask
+        [batch, 1, 1, n] (None when every sequence holds n entries). A sequence with no entry
+        gets its zero-filled first slot, so its (discarded) output is finite."""
+        n = self.bound[layer]
+        k, v = self.k[layer][:, :, :n], self.v[layer][:, :, :n]
+        if self.uniform[layer]:
+            return k, v, None
+        length = self.length[layer].clamp(min=1)
+        mask = torch.arange(n, device=length.device).unsqueeze(0) < length.unsqueeze(1)
+        return k, v, mask[:, None, None, :]
 
     def num_entries(self) -> int:
         """K/V entries stored (tokens x layers, summed over the batch)."""
@@ -113,8 +168,8 @@ class RecursionKVCache:
         for k, length in zip(self.k, self.length):
             if k is None:
                 continue
-            per_entry = 2 * k.shape[2] * k.shape[3] * k.element_size()
-            total += per_entry * (k.shape[0] * k.shape[1] if allocated else int(length.sum()))
+            per_entry = 2 * k.shape[1] * k.shape[3] * k.element_size()
+            total += per_entry * (k.shape[0] * k.shape[2] if allocated else int(length.sum()))
         return total
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
@@ -131,14 +186,23 @@ class ActiveTokens:
     """The tokens a layer processes, gathered per sequence in causal order.
 
     rows [m]: batch rows with at least one active token (the others are skipped entirely);
-    idx [m, t]: their columns (padding slots point at column 0); valid [m, t].
+    idx [m, t]: their columns (padding slots point at column 0); valid [m, t]. single: one
+    column (decoding), where gathering and scattering are plain row selections.
     """
 
     def __init__(self, mask: torch.Tensor):
+        self.shape = mask.shape
+        self.single = mask.shape[1] == 1
+        if self.single:
+            self.rows = mask[:, 0].nonzero().squeeze(1)
+            self.m = int(self.rows.numel())
+            self.all = self.m == mask.shape[0]
+            self.idx = self.rows.new_zeros(self.m, 1)
+            self.valid = torch.ones(self.m, 1, dtype=torch.bool, device=mask.device)
+            return
         counts = mask.sum(1)
         self.rows = counts.nonzero().squeeze(1)
         self.m = int(self.rows.numel())
-        self.shape = mask.shape
         self.all = False
         if self.m == 0:
             return
@@ -154,12 +218,16 @@ class ActiveTokens:
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         if self.all:
             return x
+        if self.single:
+            return x.index_select(0, self.rows)
         return x[self.rows.unsqueeze(1), self.idx]
 
     def scatter(self, base: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """base [b, q, ...] with the active entries replaced by y [m, t, ...] (out of place)."""
         if self.all:
             return y
+        if self.single:
+            return base.index_copy(0, self.rows, y)
         out = base.clone()
         r = self.rows.unsqueeze(1).expand_as(self.idx)[self.valid]
         out[r, self.idx[self.valid]] = y[self.valid]
@@ -183,10 +251,9 @@ class Positions:
     """Original positions of a gathered token set [m, t] and their RoPE angles, computed once
     and shared by every layer that processes the set."""
 
-    def __init__(self, pos: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
+    def __init__(self, pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
         self.pos = pos
-        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=pos.device) / head_dim))
-        ang = pos.to(torch.float32).unsqueeze(-1) * inv
+        ang = pos.to(torch.float32).unsqueeze(-1) * inv_freq
         emb = torch.cat([ang, ang], dim=-1).unsqueeze(2)  # [m, t, 1, d]
         self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -211,27 +278,43 @@ class MoRAttention(nn.Module):
         """x [m, t, h] gathered tokens at positions pos. Writes this layer's K/V into
         cache slot `write` (None: computes no K/V) and attends to the entries of slot `read`."""
         m, t, _ = x.shape
-        q = pos.rotate(self.q_proj(x).view(m, t, self.heads, self.head_dim))
+        q = pos.rotate(self.q_proj(x).view(m, t, self.heads, self.head_dim)).transpose(1, 2)
         if write is not None:
             k = pos.rotate(self.k_proj(x).view(m, t, self.groups, self.head_dim))
             v = self.v_proj(x).view(m, t, self.groups, self.head_dim)
-            cache.append(write, tokens.shape[0], tokens.rows, k, v, pos.pos, tokens.valid)
-        k, v, kpos, kvalid = cache.entries(read, tokens.rows)
-        if t == 1 and tokens.all and bool(kvalid.all()):
-            allowed = None  # one new token per sequence, every cached entry precedes it
+            if tokens.single:
+                cache.append_one(write, tokens.shape[0], tokens.rows, k[:, 0], v[:, 0], pos.pos[:, 0])
+            else:
+                cache.append(write, tokens.shape[0], tokens.rows, k, v, pos.pos, tokens.valid,
+                             tokens.all)
+        if tokens.single:
+            out = self._decode_attention(q, tokens, cache, read)
         else:
+            k, v, kpos, kvalid = cache.entries(read, tokens.rows)  # [m, G, n, d]
             allowed = kvalid.unsqueeze(1) & (kpos.unsqueeze(1) <= pos.pos.unsqueeze(2))  # [m, t, n]
             allowed = (allowed | ~tokens.valid.unsqueeze(2)).unsqueeze(1)  # padding queries: any
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [m, G, n, d]
-        if _SDPA_GQA:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=allowed,
-                                                 enable_gqa=self.heads != self.groups)
-        else:  # torch < 2.5: repeat each K/V head for its query heads
-            rep = self.heads // self.groups
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1),
-                attn_mask=allowed)
+            out = self._sdpa(q, k, v, allowed)
         return self.o_proj(out.transpose(1, 2).reshape(m, t, self.heads * self.head_dim))
+
+    def _decode_attention(self, q, tokens: ActiveTokens, cache: RecursionKVCache, read: int):
+        """One new token per active sequence, q [m, heads, 1, d]; every cached entry precedes it.
+        The attention runs over the whole batch's cache in place (no gather of K/V rows, which
+        would copy more than the attention reads); the inactive rows' queries are zeros and
+        their outputs are dropped."""
+        k, v, mask = cache.all_entries(read)
+        if tokens.all:
+            return self._sdpa(q, k, v, mask)
+        full = q.new_zeros((tokens.shape[0],) + tuple(q.shape[1:])).index_copy_(0, tokens.rows, q)
+        return self._sdpa(full, k, v, mask).index_select(0, tokens.rows)
+
+    def _sdpa(self, q, k, v, mask):
+        """q [m, heads, t, d]; k, v [m, G, n, d]; mask broadcastable to [m, 1, t, n] or None."""
+        if _SDPA_GQA:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                  enable_gqa=self.heads != self.groups)
+        rep = self.heads // self.groups  # torch < 2.5: repeat each K/V head for its query heads
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, dim=1),
+                                              v.repeat_interleave(rep, dim=1), attn_mask=mask)
 
 
 class MoRMLP(nn.Module):
@@ -347,6 +430,9 @@ class MoRModel(MoRPreTrainedModel):
         kv = cache if cache is not None else RecursionKVCache(cfg.num_hidden_layers)
 
         x = self.embed_tokens(input_ids)
+        d = cfg.head_dim  # RoPE frequencies, once per forward
+        inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, d, 2, dtype=torch.float32,
+                                                           device=x.device) / d))
         everyone = ActiveTokens(real)
         cur = xg = cur_pos = None  # the gathered token set being processed, its activations
         reached = real  # expert-choice: survivors of the previous step
@@ -370,7 +456,7 @@ class MoRModel(MoRPreTrainedModel):
                 cur, regather = everyone, True
             if regather and cur.m:
                 xg = cur.gather(x)
-                cur_pos = Positions(cur.gather(position_ids), cfg.head_dim, cfg.rotary_base, x.dtype)
+                cur_pos = Positions(cur.gather(position_ids), inv_freq, x.dtype)
             if cur.m:
                 write = i if self.kv_read[i] == i else None
                 xg = self.layers[cfg.layer_unique[i]](xg, cur, cur_pos, kv, write, self.kv_read[i])
