@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from megamor.config import Config, ConfigError, load_config
 from megamor.flops import expected_layer_tokens, flops_per_step, layer_matmul_params, pipeline_costs
-from megamor.model.layout import balanced_cut, build_plan, useful_fraction
+from megamor.model.layout import build_plan, stage_ranges, useful_fraction
 
 ENGINES = ("megatron", "zero1", "zero2", "zero3")
 RECOMPUTE = ("none", "selective", "full")
@@ -230,14 +230,10 @@ def predict(cfg: Config, layout: Layout, seq: int, gbs: int, cluster: Cluster,
     backend = "local" if precision == "fp32" else "te"  # CPU runs fp32 on the local backend
     plan = _plan(cfg)
     costs = pipeline_costs(m, plan, seq, vocab, cfg.routing)
-    if cfg.parallel.pipeline_layers is not None and len(cfg.parallel.pipeline_layers) == pp:
-        sizes = [int(x) for x in cfg.parallel.pipeline_layers]
-    else:
-        sizes = balanced_cut(costs, pp)
-    ranges, start = [], 0
-    for s in sizes:
-        ranges.append((start, start + s))
-        start += s
+    explicit = cfg.parallel.pipeline_layers
+    sizes = [int(x) for x in explicit] if explicit is not None and len(explicit) == pp else None
+    ranges = stage_ranges(plan, pp, sizes, costs)
+    sizes = [b - a for a, b in ranges]
     num_micro = gbs // (mbs * dp)
 
     # ---- memory

@@ -17,36 +17,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megamor import parallel
 from megamor.config import ConfigError, load_config
-from megamor.model import build_stage, padded_vocab_size, transformer_config
 from megamor.model.attention import SDPAttention, packed_causal_mask
 from megamor.model.routing import ActiveSet
 from megamor.model.specs import stage_spec
-from megamor.shims import install_cpu_shims, seed_model_parallel_rng
-
-SEQ, BATCH, VOCAB = 48, 3, 256
-
-
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one():
-    install_cpu_shims()
-    parallel.initialize(1, 1, torch.device("cpu"))
-    seed_model_parallel_rng(1, 0)
-    yield
-    parallel.shutdown()
-
-
-def make_model(*overrides, fp8=False):
-    cfg = load_config(None, ["model.preset=tiny", f"model.seq_length={SEQ}", *overrides]).validate(1)
-    tcfg = transformer_config(cfg, torch.float32, fp8=fp8)
-    return build_stage(cfg, tcfg, padded_vocab_size(VOCAB, 64, 1), 0, seed=7)
-
-
-def tokens(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
-
+from single_process import BATCH, SEQ, make_model, tokens, world_of_one  # noqa: F401 (fixture)
 
 # ----------------------------------------------------------------------------- the spec tree
 
