@@ -196,6 +196,7 @@ class MoRModel(LanguageModule):
                     h, vocab_size, config=config, init_method=config.init_method, bias=False,
                     skip_bias_add=False, gather_output=False,
                     skip_weight_param_allocation=pre_process)
+        self.segments = self._segments()  # static: fixed by the plan and this stage's range
         self._tie_embeddings()
         self.reset_stats()
 
@@ -289,7 +290,7 @@ class MoRModel(LanguageModule):
         full_rope = Rotary(torch.arange(s, device=state.x.device), self.mcfg.head_dim,
                            self.mcfg.rotary_base)
         kv_store: dict = {}
-        for seg in self._segments():
+        for seg in self.segments:
             step = seg[0].step
             if not self.routed or step == 0:  # full sequence: causal, no mask tensor
                 calls = [self._attention_call(l, kv_store, False, full_rope, full_rope) for l in seg]
