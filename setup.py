@@ -37,11 +37,13 @@ setup(
         # `megamor eval --tasks`: few-shot accuracy of an export through lm-evaluation-harness
         # (its "hf" model backend imports accelerate).
         "eval": ["lm_eval>=0.4.8", "accelerate>=0.26", "transformers>=5.0", "safetensors>=0.4"],
-        "deepspeed": ["deepspeed"],
+        # `parallel.engine=deepspeed` (megamor/engines/deepspeed_engine.py): ZeRO-1/2/3, offload.
+        "deepspeed": ["deepspeed>=0.19.8"],
         # `megamor data prepare` inputs: .parquet, .zst, `datasets` saved with save_to_disk.
         "data": ["pyarrow>=14", "zstandard>=0.20", "datasets>=2.14"],
         "dev": ["pytest", "pyarrow>=14", "zstandard>=0.20", "datasets>=2.14",
-                "transformers>=5.0", "safetensors>=0.4", "lm_eval>=0.4.8", "accelerate>=0.26"],
+                "transformers>=5.0", "safetensors>=0.4", "lm_eval>=0.4.8", "accelerate>=0.26",
+                "deepspeed>=0.19.8"],
     },
     entry_points={"console_scripts": ["megamor=megamor.cli:main"]},
 )

@@ -122,12 +122,19 @@ def check_model_shape(meta: dict, model_cfg, path: Path) -> None:
                               + "; ".join(diffs))
 
 
-def check_resumable(meta: dict, path: Path) -> None:
-    """A weights-only checkpoint (`megamor convert from-hf`) has no trainer state to resume."""
+def check_resumable(meta: dict, path: Path, engine: str = "megatron") -> None:
+    """A weights-only checkpoint (`megamor convert from-hf`) has no trainer state to resume, and
+    one engine's optimizer state is not the other's."""
     if meta.get("kind") == "weights":
         raise CheckpointError(
             f"{path} is a weights-only checkpoint (no optimizer or trainer state) and cannot be "
             f"resumed; start a run from its weights with checkpoint.init_from={path}")
+    saved = meta.get("engine", "megatron")
+    if saved != engine:
+        raise CheckpointError(
+            f"{path} was saved by parallel.engine={saved}, this run uses parallel.engine={engine}: "
+            f"resume it with parallel.engine={saved}, or start this engine from its weights with "
+            f"checkpoint.init_from={path} (fresh optimizer)")
 
 
 def _async_strategy_kwargs(save_fn) -> dict:
@@ -199,6 +206,7 @@ class Checkpointer:
             self._pending = queue
         else:
             dist_checkpointing.save(state, str(tmp))
+            trainer.save_engine_state(tmp)
             dist.barrier()
             publish()
             dist.barrier()
@@ -236,7 +244,7 @@ class Checkpointer:
         from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
         meta = read_meta(path)
-        check_resumable(meta, path)
+        check_resumable(meta, path, trainer.engine)
         check_model_shape(meta, trainer.cfg.model, path)
         verify_files(path)
         state = trainer.sharded_state_dict(is_loading=True)
@@ -281,7 +289,7 @@ class Checkpointer:
                                   f"{last[0]})") from e
         loaded.pop("optimizer", None)  # common (non-sharded) optimizer state comes back too
         trainer.stage.load_state_dict(loaded, strict=True)
-        trainer.optimizer.reload_model_params()  # main (fp32) copies follow the new weights
+        trainer.reload_weights()  # main (fp32) copies follow the new weights
         return path
 
 

@@ -58,9 +58,10 @@ def cmd_pretrain(args) -> int:
                         ranks_catch_signals=cfg.checkpoint.save_on_signal)
     _quiet()
     from megamor import parallel
-    from megamor.trainer import Preempted, Trainer
+    from megamor.engines import create_trainer
+    from megamor.trainer import Preempted
     try:
-        Trainer(cfg).train()
+        create_trainer(cfg).train()
     except Preempted as e:
         from megamor.lifecycle import preempted_exit_code
         return preempted_exit_code(e.code)  # 0 under `--nproc N`, which then returns 75

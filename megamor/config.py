@@ -104,6 +104,18 @@ class ParallelConfig:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
     pipeline_layers: Optional[list] = None  # unrolled layers per stage; default: cost-balanced
+    # Training engine: megatron (DDP + distributed optimizer, TP/PP/DP) | deepspeed (ZeRO over
+    # data parallel, TP through megatron's groups, no PP). docs/engines.md compares them.
+    engine: str = "megatron"
+    zero_stage: int = 2  # deepspeed: 1 (optimizer state) | 2 (+ gradients) | 3 (+ parameters)
+    offload_optimizer: str = "none"  # deepspeed: none | cpu (optimizer state and step on the CPU)
+    offload_params: str = "none"  # deepspeed, ZeRO-3: none | cpu
+    # deepspeed, ZeRO-3: gather the shared recursion block once per forward and once per
+    # backward, held over the recursion loop (once), or leave it to DeepSpeed's per-module
+    # fetch and release (deepspeed: up to N_r gathers each way, see docs/engines.md)
+    zero3_shared_block: str = "once"
+    # deepspeed: a JSON file whose keys override the generated DeepSpeed config (each logged)
+    deepspeed_config: Optional[str] = None
 
 
 @dataclass
@@ -473,6 +485,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             "parallel.sequence_parallel is not supported with arch=mor yet (routing needs the "
             "whole sequence on every tensor-parallel rank); set it to false"
         )
+    _validate_engine(cfg)
     if world_size is not None:
         if world_size % (tp * pp):
             raise ConfigError(
@@ -518,6 +531,44 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                           f">= 0 (0: off; unset: with every checkpoint save)")
     if not math.isfinite(t.clip_grad) or t.clip_grad < 0:
         raise ConfigError(f"train.clip_grad={t.clip_grad} must be >= 0 (0 disables clipping)")
+
+
+def _validate_engine(cfg: Config) -> None:
+    """What the DeepSpeed engine does not do, named by the option to change."""
+    p, t, c = cfg.parallel, cfg.train, cfg.checkpoint
+    _choice(p.engine, ("megatron", "deepspeed"), "parallel.engine")
+    _choice(p.offload_optimizer, ("none", "cpu"), "parallel.offload_optimizer")
+    _choice(p.offload_params, ("none", "cpu"), "parallel.offload_params")
+    _choice(p.zero3_shared_block, ("once", "deepspeed"), "parallel.zero3_shared_block")
+    if p.engine != "deepspeed":
+        changed = [f"parallel.{k}" for k, default in (
+            ("offload_optimizer", "none"), ("offload_params", "none"), ("deepspeed_config", None))
+            if getattr(p, k) != default]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} only apply to parallel.engine=deepspeed "
+                              f"(the engine is {p.engine})")
+        return
+    if p.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} is not one of 1, 2, 3")
+    if p.pipeline_model_parallel_size != 1:
+        raise ConfigError(
+            f"parallel.engine=deepspeed runs without pipeline parallelism: set "
+            f"parallel.pipeline_model_parallel_size=1 (is {p.pipeline_model_parallel_size}) or "
+            f"use parallel.engine=megatron")
+    if p.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel needs parallel.engine=megatron (DeepSpeed "
+                          "does not reduce the sequence-parallel norm gradients)")
+    if p.offload_params != "none" and p.zero_stage != 3:
+        raise ConfigError(f"parallel.offload_params={p.offload_params} needs "
+                          f"parallel.zero_stage=3 (is {p.zero_stage})")
+    if t.precision == "fp8":
+        raise ConfigError("train.precision=fp8 needs parallel.engine=megatron (Transformer "
+                          "Engine's FP8 is wired into megatron's engine only); use bf16")
+    if c.async_save:
+        raise ConfigError("checkpoint.async_save=true needs parallel.engine=megatron (DeepSpeed "
+                          "saves its engine state synchronously); set it to false")
+    if p.deepspeed_config is not None and not Path(p.deepspeed_config).is_file():
+        raise ConfigError(f"parallel.deepspeed_config={p.deepspeed_config}: no such file")
 
 
 def _validate_kernels(m: ModelConfig, t: TrainConfig) -> None:

@@ -28,7 +28,8 @@ def parameter_count(stage: torch.nn.Module, device: torch.device) -> int:
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
     from megatron.core.transformer.module import param_is_not_shared
 
-    local = sum(p.numel() for p in stage.parameters()
+    # ds_numel: a ZeRO-3-partitioned parameter's full size (its local tensor is empty)
+    local = sum(getattr(p, "ds_numel", p.numel()) for p in stage.parameters()
                 if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p))
     total = torch.tensor([float(local)], dtype=torch.float64, device=device)
     if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
@@ -62,10 +63,17 @@ def banner(cfg, dims, device: torch.device, precision: str, params: int, data_de
         kind += f" ({m.num_layers} layers)"
     per_step = t.global_batch_size * m.seq_length
     from megamor.preflight import checkpoint_root
+    p = cfg.parallel
+    engine = "megatron" + (" distributed optimizer" if p.use_distributed_optimizer else "")
+    if p.engine == "deepspeed":
+        offload = [k for k, v in (("optimizer", p.offload_optimizer), ("params", p.offload_params))
+                   if v != "none"]
+        engine = f"deepspeed ZeRO-{p.zero_stage}" + (f", {' + '.join(offload)} offloaded to the "
+                                                     f"CPU" if offload else "")
     return [
         f"megamor: {kind}: {human(params)} parameters ({params:,})",
         f"megamor: layout tp{dims.tp} x pp{dims.pp} x dp{dims.dp} = {dims.world_size} rank(s) "
-        f"({device.type}, {precision})",
+        f"({device.type}, {precision}; engine {engine})",
         f"megamor: data {data_desc} ({data_samples:,} samples = {data_samples * m.seq_length:,} "
         f"tokens); {per_step:,} tokens per step ({t.global_batch_size} x {m.seq_length}), "
         f"steps {first_step}-{t.train_steps}",

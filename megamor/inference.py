@@ -43,7 +43,10 @@ def load_for_inference(path: str | Path):
     meta = read_meta(ckpt)
     cfg = load_config(ckpt / "config.yaml", [
         "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
-        "parallel.data_parallel_size=1", "parallel.pipeline_layers=null"])
+        "parallel.data_parallel_size=1", "parallel.pipeline_layers=null",
+        # whichever engine trained it: the weights are megatron shards, read in one process
+        "parallel.engine=megatron", "parallel.offload_optimizer=none",
+        "parallel.offload_params=none", "parallel.deepspeed_config=null"])
     check_model_shape(meta, cfg.model, ckpt)
     verify_files(ckpt)
     tok = load_tokenizer(ckpt / "tokenizer")

@@ -13,7 +13,8 @@ Memory per GPU (the fullest pipeline stage):
   the unrolled plan uses, the embedding on the first stage, its tied copy on the last), bytes
   per parameter by engine and precision (`STATE_BYTES`): megatron's distributed optimizer
   (what megamor trains with: fp32 gradient buffer, fp32 master + Adam moments sharded over data
-  parallel), and DeepSpeed ZeRO-1/2/3 as planned alternatives (not wired into the trainer);
+  parallel), and DeepSpeed ZeRO-1/2/3 (`parallel.engine=deepspeed parallel.zero_stage=k`;
+  under ZeRO-3 the shared block is held gathered over the recursion loop);
 - activations of one micro-batch (`activation_bytes`: the tensors a Llama-style layer saves for
   backward, at the tokens each unrolled layer processes; tensor parallel splits only what lies
   between its column- and row-parallel linears unless sequence parallelism is on; recompute
@@ -244,8 +245,11 @@ def predict(cfg: Config, layout: Layout, seq: int, gbs: int, cluster: Cluster,
     for p in range(pp):
         n = params[p]
         weights = n * w_b / (dp if "weights" in shard else 1)
-        if layout.engine == "zero3":  # the layer being computed is gathered whole
-            weights += layer_matmul_params(m) / tp * w_b * 2
+        if layout.engine == "zero3":
+            # the layer being computed is gathered whole, and the shared recursion block is
+            # held gathered over the recursion loop (parallel.zero3_shared_block=once)
+            looped = {l.unique for l in plan.layers if l.step > 0}
+            weights += layer_matmul_params(m) / tp * w_b * (2 + len(looped))
         grads = n * g_b / (dp if "grads" in shard else 1)
         opt = n * o_b / (dp if "optimizer" in shard else 1)
         in_flight = min(num_micro, pp - p)
@@ -377,7 +381,8 @@ def format_table(preds: list[Prediction], top: int) -> str:
             f"{p.step_s:7.3f} {p.parts['bubble']:6.3f} {p.parts['dp'] + p.parts['shared']:7.3f} "
             f"{100 * p.mfu:4.1f}% {p.tokens_per_s:9.0f} {p.stage_balance:7.2f}  "
             f"{'yes' if p.fits else 'NO'}")
-    lines.append("* planned alternative (DeepSpeed ZeRO), not wired into megamor's trainer")
+    lines.append("* DeepSpeed engine: parallel.engine=deepspeed parallel.zero_stage=1|2|3 "
+                 "(docs/engines.md)")
     return "\n".join(lines)
 
 
@@ -426,8 +431,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--gbs", type=int, default=256, help="global batch, sequences")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--engines", default="megatron",
-                   help="megatron (what megamor trains with), or a list with the planned DeepSpeed "
-                        "alternatives zero1,zero2,zero3, or all")
+                   help="megatron (the default engine), or a list with the DeepSpeed engine's "
+                        "zero1,zero2,zero3, or all")
     p.add_argument("--nodes", type=int, default=d.nodes)
     p.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node)
     p.add_argument("--gpu-memory-gb", type=float, default=d.gpu_memory_gb)

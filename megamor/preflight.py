@@ -40,9 +40,17 @@ def checkpoint_root(cfg: Config) -> Path:
 
 def check_before_start(cfg: Config, world_size: Optional[int]) -> None:
     cfg.validate(world_size=world_size)
+    check_engine(cfg)
     check_output_dirs(cfg)
     tokenizer = check_data(cfg)
     check_resume(cfg, tokenizer)
+
+
+def check_engine(cfg: Config) -> None:
+    import importlib.util
+    if cfg.parallel.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise PreflightError("config", "parallel.engine=deepspeed needs DeepSpeed: pip install "
+                                       "'megamor[deepspeed]' (or use parallel.engine=megatron)")
 
 
 # ----------------------------------------------------------------------------- output
@@ -152,7 +160,7 @@ def check_resume(cfg: Config, tokenizer) -> None:
     if path is None:
         return  # auto, nothing saved yet: a fresh start
     meta = read_meta(path)
-    check_resumable(meta, path)
+    check_resumable(meta, path, cfg.parallel.engine)
     check_model_shape(meta, cfg.model, path)
     if tokenizer is not None and meta.get("tokenizer_fingerprint") != tokenizer.fingerprint:
         raise CheckpointError(

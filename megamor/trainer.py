@@ -153,10 +153,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.checkpoint_root, ck.keep_last, ck.keep_every, ck.async_save)
         self.resumed_from = resolve_resume(ck.resume, self.checkpoint_root)
         self.initialised_from: Optional[Path] = None
-        if self.resumed_from is not None:  # resume wins: a requeued job continues its own run
-            self.checkpointer.load(self, self.resumed_from)
-        elif ck.init_from:
-            self.initialised_from = self.checkpointer.load_weights(self, ck.init_from)
+        self._restore()
         self.tracker = create_tracker(cfg.tracking.enabled, self.dims.rank == 0)
         # Dead-token window: per-position selection counts since the last log line (all ranks).
         self._window_positions: Optional[torch.Tensor] = None
@@ -176,6 +173,23 @@ class Trainer:
             dist.barrier()
         self._mfu_window = MfuWindow(cfg.train.log_interval)
         silence_expected_megatron_noise()
+
+    engine = "megatron"
+
+    def _restore(self) -> None:
+        """Resume (wins: a requeued job continues its own run) or start from given weights."""
+        if self.resumed_from is not None:
+            self.checkpointer.load(self, self.resumed_from)
+        elif self.cfg.checkpoint.init_from:
+            self.initialised_from = self.checkpointer.load_weights(self, self.cfg.checkpoint.init_from)
+
+    def reload_weights(self) -> None:
+        """After `checkpoint.init_from` wrote the stage's weights: the optimizer's main (fp32)
+        copies follow them."""
+        self.optimizer.reload_model_params()
+
+    def save_engine_state(self, directory: Path) -> None:
+        """Engine state kept outside the sharded state dict (the megatron engine has none)."""
 
     @property
     def checkpoint_root(self) -> Path:
@@ -369,7 +383,7 @@ class Trainer:
         from megamor.checkpoint import SHAPE_FIELDS, now, rng_state
         m, p = self.cfg.model, self.dims
         return {
-            "format": 1, "saved_at": now(), "step": self.step,
+            "format": 1, "saved_at": now(), "step": self.step, "engine": self.engine,
             "consumed_samples": self.consumed_samples,
             "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
             "model": {k: getattr(m, k) for k in SHAPE_FIELDS},
@@ -379,13 +393,19 @@ class Trainer:
         }
 
     def load_loaded_state(self, loaded: dict, meta: dict) -> None:
-        from megamor.checkpoint import CheckpointError, set_rng_state
+        from megamor.checkpoint import CheckpointError
         if meta.get("tokenizer_fingerprint") != self.tokenizer.fingerprint:
             raise CheckpointError(
                 f"{self.resumed_from}: saved with tokenizer {meta.get('tokenizer_fingerprint')}, "
                 f"the data now uses {self.tokenizer.fingerprint}")
         self.stage.load_state_dict(loaded["model"], strict=True)
         self.optimizer.load_state_dict(loaded["optimizer"])
+        self.restore_trainer_state(meta)
+
+    def restore_trainer_state(self, meta: dict) -> None:
+        """Step, data position, LR schedule (kept, extended or re-planned), RNG and tracking run
+        of a checkpoint, after the engine restored weights and optimizer state."""
+        from megamor.checkpoint import set_rng_state
         t = self.cfg.train
         for group in self.optimizer.param_groups:  # restored with the saved run's values
             group["max_lr"], group["min_lr"] = t.lr, t.min_lr
@@ -430,7 +450,6 @@ class Trainer:
         of a pipeline are gathered. Returns the depths on global rank 0, None elsewhere.
         Training is left as it was: no gradients, train mode, RNG state and router statistics
         restored."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
         from megamor.checkpoint import rng_state, set_rng_state
         from megamor.inference import depths_from_trace
 
@@ -438,24 +457,12 @@ class Trainer:
         tokens = torch.tensor([ids], device=self.device)  # [1, s]
         saved = (stage.stats, stage.token_counts, stage.position_counts)
         rng, was_training = rng_state(), self.model.training
-        wire = stage.wire_channels
-
-        def forward_step(data_iterator, model):
-            next(data_iterator)
-            return model(input_ids=tokens if dims.first_stage else None), None  # keep the logits
-
-        def adjust_shapes(recv, send):
-            return [(s[0], s[1], wire) for s in recv], [(s[0], s[1], wire) for s in send]
-
         stage.reset_stats()
         stage.trace_routing = True
         self.model.eval()
         try:
             with torch.no_grad():
-                get_forward_backward_func()(
-                    forward_step_func=forward_step, data_iterator=iter([None]), model=[self.model],
-                    num_microbatches=1, seq_length=len(ids), micro_batch_size=1, forward_only=True,
-                    adjust_tensor_shapes_fn=adjust_shapes if dims.pp > 1 else None)
+                self._forward_only(tokens)
             trace = {r: m[:, 0].tolist() for r, m in stage.routing_trace.items()}
         finally:
             stage.trace_routing = False
@@ -468,6 +475,23 @@ class Trainer:
         if dims.rank != 0:
             return None
         return depths_from_trace({r: t for tr in traces for r, t in tr.items()}, stage.rcfg.type)
+
+    def _forward_only(self, tokens: torch.Tensor) -> None:
+        """One forward of `tokens` [1, s] through the pipeline (megatron's schedule)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        dims, wire = self.dims, self.stage.wire_channels
+
+        def forward_step(data_iterator, model):
+            next(data_iterator)
+            return model(input_ids=tokens if dims.first_stage else None), None  # keep the logits
+
+        def adjust_shapes(recv, send):
+            return [(s[0], s[1], wire) for s in recv], [(s[0], s[1], wire) for s in send]
+
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([None]), model=[self.model],
+            num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=1, forward_only=True,
+            adjust_tensor_shapes_fn=adjust_shapes if dims.pp > 1 else None)
 
     def log_depth_map(self, out: Path) -> None:
         """Depth map of the fixed sample at this step: `<run>/depth_maps/step_XXXXXXXX.{html,png}`,

@@ -60,6 +60,16 @@ megamor_batch() {
   if [ "$gpn" = 0 ]; then  # CPU allocation: gloo, fp32, megatron's local layers
     device=cpu; precision=${MEGAMOR_PRECISION:-fp32}; backend=${MEGAMOR_BACKEND:-local}
   fi
+  # Training engine: megatron (default) | deepspeed (ZeRO over data parallel, no pipeline:
+  # pp 1 and bf16 unless set explicitly, since FP8 is the megatron engine's).
+  local engine=${MEGAMOR_ENGINE:-megatron}
+  local engine_args=("parallel.engine=$engine")
+  if [ "$engine" = deepspeed ]; then
+    pp=${MEGAMOR_PP:-1}
+    [ -z "${MEGAMOR_PRECISION:-}" ] && [ "$precision" = fp8 ] && precision=bf16
+    engine_args+=("parallel.zero_stage=${MEGAMOR_ZERO_STAGE:-2}")
+    [ -n "${MEGAMOR_OFFLOAD:-}" ] && engine_args+=("parallel.offload_optimizer=$MEGAMOR_OFFLOAD")
+  fi
   local out=${MEGAMOR_OUTPUT_DIR:-$MEGAMOR_HOME/runs/${SLURM_JOB_NAME:-megamor}}
   if [ -z "${MEGAMOR_OUTPUT_DIR:-}" ] && [ "${MEGAMOR_OUTPUT_PER_JOB:-0}" = 1 ]; then
     out=$out-${SLURM_JOB_ID:-0}
@@ -84,11 +94,11 @@ megamor_batch() {
               "train.device=$device" "train.precision=$precision" "model.backend=$backend"
               "train.micro_batch_size=${MEGAMOR_MBS:-$DEFAULT_MBS}"
               "train.global_batch_size=${MEGAMOR_GBS:-$DEFAULT_GBS}"
-              "run.output_dir=$out")
+              "run.output_dir=$out" "${engine_args[@]}")
   [ -n "${MEGAMOR_CONFIG:-}" ] && args=(pretrain --config "$MEGAMOR_CONFIG" "${args[@]:1}")
   args+=("$@")  # the user's overrides win
 
-  megamor_log "job ${SLURM_JOB_ID:-none} restart ${SLURM_RESTART_COUNT:-0}: $nodes node(s) x $tpn task(s), preset $MEGAMOR_PRESET, tp $tp pp $pp, $device/$precision, output $out"
+  megamor_log "job ${SLURM_JOB_ID:-none} restart ${SLURM_RESTART_COUNT:-0}: $nodes node(s) x $tpn task(s), preset $MEGAMOR_PRESET, engine $engine, tp $tp pp $pp, $device/$precision, output $out"
 
   # --- one job per output directory ---------------------------------------------------------
   local owner

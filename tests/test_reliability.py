@@ -211,8 +211,8 @@ def test_schedule_follows_the_config_on_resume(tmp_path, builtin_root, capsys):
     head = (f"megamor: mor model (expert_choice routing, 3 recursions, 8 unrolled layers): "
             f"{params / 1e3:.2f}K parameters ({params:,})")
     assert head in text["short"] and head in text["replanned"]
-    assert "megamor: layout tp1 x pp2 x dp1 = 2 rank(s) (cpu, fp32)" in text["short"]
-    assert "megamor: layout tp1 x pp1 x dp2 = 2 rank(s) (cpu, fp32)" in text["replanned"]
+    assert "megamor: layout tp1 x pp2 x dp1 = 2 rank(s) (cpu, fp32; engine megatron distributed optimizer)" in text["short"]
+    assert "megamor: layout tp1 x pp1 x dp2 = 2 rank(s) (cpu, fp32; engine megatron distributed optimizer)" in text["replanned"]
     assert "512 tokens per step (8 x 64), steps 1-6" in text["short"]
     for step in (3, 6):
         assert (f"megamor: checkpoint step {step} saved: {root / 'short' / 'checkpoints'}"

@@ -243,6 +243,15 @@ def test_script_layout_fits_its_allocation(cluster, size, tmp_path):
     assert f"output {want}\n" in p.stdout and f"run.output_dir={want}" in p.stdout.split(), \
         p.stdout
     assert not want.exists()  # a dry run writes nothing
+    if size == "1p7b":  # the DeepSpeed engine from the same script: pp 1, bf16, ZeRO stage
+        env.update(MEGAMOR_ENGINE="deepspeed", MEGAMOR_ZERO_STAGE="3")
+        p = subprocess.run(["bash", str(REPO / "slurm" / "pretrain_1p7b.sh")], env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and "preflight ok" in p.stdout, p.stdout + p.stderr
+        srun = p.stdout.split("srun ", 1)[1].split()
+        for arg in ("parallel.engine=deepspeed", "parallel.zero_stage=3", "train.precision=bf16",
+                    "parallel.pipeline_model_parallel_size=1"):
+            assert arg in srun, p.stdout
 
 
 @pytest.fixture(scope="session")

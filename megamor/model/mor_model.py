@@ -197,6 +197,11 @@ class MoRModel(LanguageModule):
                     skip_bias_add=False, gather_output=False,
                     skip_weight_param_allocation=pre_process)
         self.segments = self._segments()  # static: fixed by the plan and this stage's range
+        # Set by an engine that keeps the shared block's weights gathered over the recursion
+        # loop (ZeRO-3): enter(x) before the first recursion step, exit(x) after the last.
+        self.recursion_scope = None
+        loops = [i for i, seg in enumerate(self.segments) if seg[0].step > 0]
+        self._loop_span = (loops[0], loops[-1]) if loops else None
         self._tie_embeddings()
         self.reset_stats()
 
@@ -290,7 +295,12 @@ class MoRModel(LanguageModule):
         full_rope = Rotary(torch.arange(s, device=state.x.device), self.mcfg.head_dim,
                            self.mcfg.rotary_base)
         kv_store: dict = {}
-        for seg in self.segments:
+        scope = self.recursion_scope if self._loop_span else None
+        for i, seg in enumerate(self.segments):
+            if scope is not None and i == self._loop_span[0]:
+                state.x = scope.enter(state.x)
+            if scope is not None and i == self._loop_span[1] + 1:
+                state.x = scope.exit(state.x)
             step = seg[0].step
             if not self.routed or step == 0:  # full sequence: causal, no mask tensor
                 calls = [self._attention_call(l, kv_store, False, full_rope, full_rope) for l in seg]
@@ -313,6 +323,8 @@ class MoRModel(LanguageModule):
                 self.token_counts[l.index] = self.token_counts.get(l.index, 0.0) + tok.num_tokens
             if seg[-1].last_in_step:
                 self._end_step(state, step)
+        if scope is not None and self._loop_span[1] == len(self.segments) - 1:
+            state.x = scope.exit(state.x)
         for layer in self.layers.values():
             layer.self_attention.call = None
         if not self.post_process:
