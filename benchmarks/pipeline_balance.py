@@ -62,6 +62,25 @@ def predicted(result: dict) -> list[float]:
     return costs.loads([b - a for a, b in result["ranges"]])
 
 
+def balance(pp: int, steps: int, tmp: Path) -> dict:
+    """One trainer-level PP run: per-stage predicted loads and measured CPU seconds."""
+    got = measure(pp, steps, tmp)
+    return {"ranges": got["ranges"], "predicted": predicted(got),
+            "measured_s": [s["compute_cpu_best"] for s in got["stages"]], "stages": got["stages"]}
+
+
+def format_balance(pp: int, r: dict) -> list[str]:
+    from megamor.model.layout import useful_fraction
+
+    pred, meas = r["predicted"], r["measured_s"]
+    return [f"PP {pp}: layers per stage {[b - a for a, b in r['ranges']]}",
+            f"  predicted load / max   {' '.join(f'{x / max(pred):6.3f}' for x in pred)}"
+            f"   useful {useful_fraction(pred):.3f}",
+            f"  measured CPU s / max   {' '.join(f'{x / max(meas):6.3f}' for x in meas)}"
+            f"   useful {useful_fraction(meas):.3f}"
+            f"   ({' '.join(f'{x:.3f}' for x in meas)} s per step)"]
+
+
 def layer_overhead(steps: int, tmp: Path) -> dict:
     """The CPU layer overhead from one unrolled layer per stage (PP 8 of the 8-layer shape): the
     last stage runs the coda layer and the output layer, stages 0-2 one full-length layer each,
@@ -92,8 +111,6 @@ def main() -> int:
     ap.add_argument("--overhead", action="store_true", help="also measure the CPU layer overhead")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
-    from megamor.model.layout import useful_fraction
-
     report = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -104,17 +121,8 @@ def main() -> int:
                   f"{r['output_flops_in_layers']:.2f} layers' FLOPs -> layer overhead "
                   f"{r['overhead']:.2f} (megamor.flops.LAYER_OVERHEAD['cpu'])")
         for pp in [int(x) for x in args.pp.split(",")]:
-            got = measure(pp, args.steps, tmp)
-            pred = predicted(got)
-            meas = [s["compute_cpu_best"] for s in got["stages"]]
-            report[f"pp{pp}"] = {"ranges": got["ranges"], "predicted": pred, "measured_s": meas,
-                                 "stages": got["stages"]}
-            print(f"PP {pp}: layers per stage {[b - a for a, b in got['ranges']]}")
-            print(f"  predicted load / max   {' '.join(f'{x / max(pred):6.3f}' for x in pred)}"
-                  f"   useful {useful_fraction(pred):.3f}")
-            print(f"  measured CPU s / max   {' '.join(f'{x / max(meas):6.3f}' for x in meas)}"
-                  f"   useful {useful_fraction(meas):.3f}"
-                  f"   ({' '.join(f'{x:.3f}' for x in meas)} s per step)")
+            r = report[f"pp{pp}"] = balance(pp, args.steps, tmp)
+            print("\n".join(format_balance(pp, r)))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0

@@ -27,8 +27,9 @@ SETTINGS = {
 }
 
 
-def measure(preset: str, seq: int, batch: int, overrides: list[str]) -> dict:
-    import resource
+def measure(overrides: list[str], seq: int, batch: int, vocab: int = 8192) -> dict:
+    """One forward + backward of one stage built from `overrides` (in this process: call it in a
+    fresh one, `measure_fresh`, or the peak RSS carries earlier work)."""
 
     import torch
 
@@ -40,12 +41,11 @@ def measure(preset: str, seq: int, batch: int, overrides: list[str]) -> dict:
     install_cpu_shims()
     parallel.initialize(1, 1, torch.device("cpu"))
     seed_model_parallel_rng(0, 0)
-    cfg = load_config(None, [f"model.preset={preset}", f"model.seq_length={seq}",
-                             "model.arch=mor", *overrides]).validate(1)
-    vocab = padded_vocab_size(8192, 64, 1)
-    model = build_stage(cfg, transformer_config(cfg, torch.float32), vocab, 0, seed=0)
+    cfg = load_config(None, [f"model.seq_length={seq}", *overrides]).validate(1)
+    model = build_stage(cfg, transformer_config(cfg, torch.float32), padded_vocab_size(vocab, 64, 1),
+                        0, seed=0)
     model.train()
-    ids = torch.randint(0, 8192, (batch, seq))
+    ids = torch.randint(0, vocab, (batch, seq))
     seen: dict[int, int] = {}
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
@@ -55,14 +55,36 @@ def measure(preset: str, seq: int, batch: int, overrides: list[str]) -> dict:
             seen[st.data_ptr()] = st.nbytes()
         return t
 
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    # Peak-RSS counter from here (VmHWM after clear_refs 5). Not ru_maxrss: across fork + exec
+    # it keeps the parent's resident size, which a big parent (benchmarks/perf.py) made the peak.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_bytes("VmRSS")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(input_ids=ids, labels=ids).mean()
     saved = sum(seen.values())
     loss.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM")
     return {"saved_mib": saved / 2**20, "peak_rss_mib": (peak - before) / 2**20}
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def measure_fresh(overrides: list[str], seq: int, batch: int, vocab: int = 8192) -> dict:
+    """`measure` in a fresh process (so peaks do not carry over), OMP_NUM_THREADS 2 unless set."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    job = json.dumps({"overrides": overrides, "seq": seq, "batch": batch, "vocab": vocab})
+    out = subprocess.run([sys.executable, __file__, "--child", job], capture_output=True, text=True,
+                         env=env)
+    if out.returncode:
+        sys.exit(f"recompute_memory: {' '.join(overrides)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -70,25 +92,19 @@ def main():
     ap.add_argument("--presets", default="tiny,135m")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--one", help=argparse.SUPPRESS)  # child: preset|setting
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # measure_fresh's JSON job
     args = ap.parse_args()
-    if args.one:
+    if args.child:
         warnings.filterwarnings("ignore")
-        preset, setting = args.one.split("|")
-        print(json.dumps(measure(preset, args.seq, args.batch, SETTINGS[setting])))
+        print(json.dumps(measure(**json.loads(args.child))))
         return
     print(f"MoR expert-choice, seq {args.seq}, batch {args.batch}, fp32, one stage, CPU")
     print(f"{'preset':<8}{'recompute':<14}{'saved MiB':>11}{'x none':>8}{'peak RSS MiB':>14}{'x none':>8}")
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     for preset in args.presets.split(","):
         base = None
-        for setting in SETTINGS:
-            out = subprocess.run([sys.executable, __file__, "--seq", str(args.seq), "--batch",
-                                  str(args.batch), "--one", f"{preset}|{setting}"],
-                                 capture_output=True, text=True, env=env)
-            if out.returncode:
-                sys.exit(f"{preset} {setting} failed:\n{out.stderr[-3000:]}")
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+        for setting, overrides in SETTINGS.items():
+            r = measure_fresh([f"model.preset={preset}", "model.arch=mor", *overrides], args.seq,
+                              args.batch)
             base = base or r
             print(f"{preset:<8}{setting:<14}{r['saved_mib']:>11.1f}"
                   f"{r['saved_mib'] / base['saved_mib']:>8.2f}{r['peak_rss_mib']:>14.1f}"

@@ -21,13 +21,9 @@ from megamor.config import load_config
 from megamor.model import build_stage, padded_vocab_size, transformer_config
 from megamor.shims import install_cpu_shims, seed_model_parallel_rng
 
-KINDS = {
-    "vanilla": ["model.arch=vanilla"],
-    "recursive": ["model.arch=recursive"],
-    "mor_expert": ["model.arch=mor"],
-    "mor_token": ["model.arch=mor", "routing.type=token_choice"],
-    "mor_expert_kvshare": ["model.arch=mor", "model.kv_sharing=true"],
-}
+from step_speed import KINDS as STEP_KINDS
+
+KINDS = {**STEP_KINDS, "mor_expert_kvshare": ["model.arch=mor", "model.kv_sharing=true"]}
 
 
 def main():

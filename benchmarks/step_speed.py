@@ -63,22 +63,33 @@ def step(model, opt, ids) -> None:
     opt.step()
 
 
+def step_flops(cfg, model, seq: int, batch: int, vocab: int) -> float:
+    """Model FLOPs of the step `model` just took (FLOPs model, at the tokens each layer processed)."""
+    tokens = [model.token_counts.get(i, 0.0) for i in range(len(model.plan.layers))]
+    return flops_per_step(cfg.model, model.plan, tokens, seq, batch, padded_vocab_size(vocab, 64, 1),
+                          cfg.routing)["total"]
+
+
+def round_robin(steps_by_name: dict, warmup: int, steps: int) -> dict[str, list[float]]:
+    """Call every step function once per round, `warmup + steps` rounds, in the same order each
+    round (so machine noise hits all alike); wall seconds of the timed rounds per name."""
+    times = {k: [] for k in steps_by_name}
+    for it in range(warmup + steps):
+        for name, fn in steps_by_name.items():
+            t0 = time.perf_counter()
+            fn()
+            if it >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def run(args, nr: int, seq: int, peak: float) -> None:
     torch.manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, seq))
     runs = {k: build(shape(args, nr, seq) + ov, args.vocab) for k, ov in KINDS.items()}
-    times = {k: [] for k in runs}
-    flops = {}
-    for it in range(args.warmup + args.steps):
-        for kind, (cfg, model, opt) in runs.items():
-            t0 = time.perf_counter()
-            step(model, opt, ids)
-            dt = time.perf_counter() - t0
-            if it >= args.warmup:
-                times[kind].append(dt)
-            tokens = [model.token_counts.get(i, 0.0) for i in range(len(model.plan.layers))]
-            flops[kind] = flops_per_step(cfg.model, model.plan, tokens, seq, args.batch,
-                                         padded_vocab_size(args.vocab, 64, 1), cfg.routing)["total"]
+    times = round_robin({k: (lambda m=m, o=o: step(m, o, ids)) for k, (_, m, o) in runs.items()},
+                        args.warmup, args.steps)
+    flops = {k: step_flops(cfg, m, seq, args.batch, args.vocab) for k, (cfg, m, _) in runs.items()}
     base_t, base_f = statistics.median(times["vanilla"]), flops["vanilla"]
     print(f"\nN_r={nr} seq={seq} batch={args.batch} hidden={args.hidden} layers={2 + 2 * nr} "
           f"vocab={args.vocab} threads={torch.get_num_threads()} steps={args.steps}")
@@ -89,16 +100,21 @@ def run(args, nr: int, seq: int, peak: float) -> None:
               f"{flops[kind] / 1e9:>8.1f}{flops[kind] / t / peak:>9.2f}", flush=True)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seqs", default="512")
-    ap.add_argument("--nr", default="3")
+def add_shape_args(ap: argparse.ArgumentParser) -> None:
+    """The model shape options `shape` reads (issue 13's shape by default)."""
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--groups", type=int, default=4)
     ap.add_argument("--ffn", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=8192)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seqs", default="512")
+    ap.add_argument("--nr", default="3")
+    add_shape_args(ap)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args()

@@ -27,7 +27,7 @@ pytest.importorskip("deepspeed")
 from megamor.config import ConfigError, load_config  # noqa: E402
 
 KINDS = ("mor_ec", "mor_tc", "vanilla")
-RUNS = {1: ["mor_ec"], 2: list(KINDS), 3: list(KINDS)}
+RUNS = {1: ["mor_ec"], 2: list(KINDS), 3: [*KINDS, "mor_ec_tp2"]}
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ writes one JSON file.
 
 Cases (each a fresh trainer, output under DIR/<case>):
 - reference/<kind>: the megatron engine (the losses the DeepSpeed runs must reproduce);
-- zero<k>/<kind>: the DeepSpeed engine at ZeRO stage k;
+- zero<k>/<kind>: the DeepSpeed engine at ZeRO stage k (and ZeRO-3 at tensor parallel 2);
 - resume: ZeRO-2 and ZeRO-3 runs saving at step 2, resumed from step 2 to the end;
 - offload: optimizer offload (ZeRO-2), optimizer + parameter offload (ZeRO-3), with what
   DeepSpeed's engine reports it was configured with;
@@ -77,6 +77,11 @@ def main():
     for z, kinds in ((1, ["mor_ec"]), (2, ["mor_ec", "mor_tc", "vanilla"]), (3, list(KINDS))):
         for kind in kinds:
             run(f"zero{z}/{kind}", *KINDS[kind], *DS, f"parallel.zero_stage={z}")
+
+    # Tensor parallel 2 (megatron's groups as DeepSpeed's mpu; data parallel 1).
+    tp2 = ["parallel.tensor_model_parallel_size=2"]
+    run("reference/mor_ec_tp2", *KINDS["mor_ec"], *tp2)
+    run("zero3/mor_ec_tp2", *KINDS["mor_ec"], *tp2, *DS, "parallel.zero_stage=3")
 
     # Stop and resume: save at step 2 of 4, resume from it in a second trainer.
     for z in (2, 3):
