@@ -122,6 +122,35 @@ def test_deepspeed_checkpoint_exports_to_hf_with_the_training_logits(runs, tmp_p
 # ----------------------------------------------------------------------------- in-process
 
 
+def test_engine_state_is_loaded_without_arbitrary_unpickling(tmp_path):
+    """Resume reads DeepSpeed's files through `load_engine_file` (the resume test above passes
+    through it); a file holding any other object is refused, naming it, and nothing runs."""
+    from megamor.checkpoint import CheckpointError
+    from megamor.engines.deepspeed_engine import load_engine_file
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    ok = tmp_path / "ok.pt"
+    torch.save({"zero_stage": ZeroStageEnum(3), "w": torch.ones(2)}, ok)
+    assert load_engine_file(str(ok))["zero_stage"] == ZeroStageEnum(3)
+    marker = tmp_path / "ran"
+    bad = tmp_path / "bad.pt"
+    torch.save({"x": _Runs(str(marker))}, bad)
+    with pytest.raises(CheckpointError, match="bad.pt: not loaded"):
+        load_engine_file(str(bad))
+    assert not marker.exists()
+
+
+class _Runs:
+    """Unpickling this calls Path.touch: what a hostile checkpoint could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        from pathlib import Path
+        return (Path.touch, (Path(self.path),))
+
+
 def test_generated_config_pins_the_gpu_choices():
     from megamor.engines.deepspeed_engine import deepspeed_config
 

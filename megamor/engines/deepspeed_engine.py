@@ -152,6 +152,25 @@ class MegatronMPU:
         return self.mps.get_data_parallel_group()
 
 
+def load_engine_file(path: str, map_location=None):
+    """One file of DeepSpeed's engine state, without unpickling arbitrary objects: torch's
+    `weights_only` loader, allowing only the three plain DeepSpeed classes its ZeRO files hold
+    (the ZeRO stage enum, the loss-scaler record, fragment addresses). Replaces DeepSpeed's own
+    loader, which unpickles everything."""
+    import pickle
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not loaded: it holds objects other than tensors and "
+                              f"DeepSpeed's plain state records ({first[:200]})") from None
+
+
 # ----------------------------------------------------------------------------- ZeRO-3 residency
 
 
@@ -453,10 +472,7 @@ class DeepSpeedTrainer(Trainer):
         state_dir = path / ENGINE_STATE / ENGINE_TAG
         if not state_dir.is_dir():
             raise CheckpointError(f"{state_dir}: DeepSpeed engine state missing")
-        if self.dims.rank == 0:
-            print(f"loading DeepSpeed engine state from {state_dir} (DeepSpeed reads its files "
-                  f"with torch.load(weights_only=False), i.e. unpickles them: resume only "
-                  f"checkpoints you trust)", flush=True)
+        self.model.checkpoint_engine.load = load_engine_file  # no arbitrary unpickling
         load_path, _ = self.model.load_checkpoint(
             str(path / ENGINE_STATE), tag=ENGINE_TAG, load_module_strict=True,
             load_optimizer_states=True, load_lr_scheduler_states=False)
