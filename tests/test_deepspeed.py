@@ -117,6 +117,13 @@ def test_deepspeed_checkpoint_exports_to_hf_with_the_training_logits(runs, tmp_p
         got = model(torch.tensor([r["logits_ids"]])).logits[0]
     want = torch.tensor(r["logits"])
     torch.testing.assert_close(got[:, :want.shape[1]], want, rtol=1e-4, atol=1e-4)
+    # The other readers of a checkpoint: the depth-map command, and the run's own depth map.
+    out = tmp_path / "depth"
+    proc = subprocess.run([sys.executable, "-m", "megamor.cli", "depth-map",
+                           str(root / "logits" / "checkpoints"), "--text", "def main(): return 0",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and (out / "depth_map.html").is_file(), proc.stderr[-3000:]
+    assert (root / "logits" / "depth_maps" / "step_00000003.html").is_file()
 
 
 # ----------------------------------------------------------------------------- in-process

@@ -120,7 +120,8 @@ def main():
             out["traffic/num_microbatches"] = trainer.num_microbatches
 
     # Logits of the trained ZeRO-3 model (its final checkpoint is exported by the test).
-    trainer = run("logits", *KINDS["mor_ec"], *DS, "parallel.zero_stage=3")
+    trainer = run("logits", *KINDS["mor_ec"], *DS, "parallel.zero_stage=3",
+                  "tracking.depth_map_interval=3")  # and a training depth map at step 3
     out["logits"] = logits_of(trainer)
     out["logits_ids"] = ids[0].remainder(trainer.vocab_size).tolist()
 
