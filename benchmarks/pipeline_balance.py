@@ -82,10 +82,13 @@ def format_balance(pp: int, r: dict) -> list[str]:
 
 
 def layer_overhead(steps: int, tmp: Path) -> dict:
-    """The CPU layer overhead from one unrolled layer per stage (PP 8 of the 8-layer shape): the
-    last stage runs the coda layer and the output layer, stages 0-2 one full-length layer each,
-    so output time = last - mean(first three); overhead = (output FLOPs / layer FLOPs) x
-    (layer time / output time) - 1, what makes a layer slower per FLOP than the output matmul."""
+    """The CPU layer overhead from one unrolled layer per stage (PP 8 of the 8-layer shape):
+    stages 0-2 run one full-length layer each, stages 5-6 one layer of recursion step 3 (a third
+    of the tokens), the last stage the coda layer and the output layer, so output time = last -
+    mean(first three). With A = 1 + proportional + fixed (a full layer's time per FLOP against
+    the output matmul's) and r = a third-token layer's FLOPs / a full layer's:
+        A = (output FLOPs / layer FLOPs) x (layer time / output time)
+        (A - fixed) r + fixed = A x (third-token layer time / layer time)."""
     got = measure(8, steps, tmp)
     t = [s["compute_cpu_best"] for s in got["stages"]]
     from megamor.config import load_config
@@ -97,11 +100,14 @@ def layer_overhead(steps: int, tmp: Path) -> dict:
     plan = build_plan(m.arch, m.num_layers, m.num_recursions, m.sharing,
                       cfg.routing.capacities(m.num_recursions))
     costs = pipeline_costs(m, plan, m.seq_length, got["vocab_size"], cfg.routing)
-    layer = sum(t[:3]) / 3
+    layer, third = sum(t[:3]) / 3, (t[5] + t[6]) / 2
     output = t[-1] - layer
-    return {"stage_cpu_s": t, "layer_s": layer, "output_s": output,
+    a = costs.last / costs.layers[0] * layer / output
+    r = (costs.layers[5] + costs.layers[6]) / 2 / costs.layers[0]
+    fixed = (a * third / layer - a * r) / (1 - r)
+    return {"stage_cpu_s": t, "layer_s": layer, "third_s": third, "output_s": output,
             "output_flops_in_layers": costs.last / costs.layers[0],
-            "overhead": costs.last / costs.layers[0] * layer / output - 1.0}
+            "proportional": a - fixed - 1.0, "fixed": fixed}
 
 
 def main() -> int:
@@ -117,9 +123,10 @@ def main() -> int:
         if args.overhead:
             r = report["overhead"] = layer_overhead(args.steps, tmp)
             print(f"PP 8, CPU s per stage: {' '.join(f'{x:.3f}' for x in r['stage_cpu_s'])}")
-            print(f"layer {r['layer_s']:.3f} s, output layer {r['output_s']:.3f} s for "
-                  f"{r['output_flops_in_layers']:.2f} layers' FLOPs -> layer overhead "
-                  f"{r['overhead']:.2f} (megamor.flops.LAYER_OVERHEAD['cpu'])")
+            print(f"full layer {r['layer_s']:.3f} s, third-token layer {r['third_s']:.3f} s, "
+                  f"output layer {r['output_s']:.3f} s for {r['output_flops_in_layers']:.2f} "
+                  f"layers' FLOPs -> layer overhead proportional {r['proportional']:.2f}, fixed "
+                  f"{r['fixed']:.2f} (megamor.flops.LAYER_OVERHEAD['cpu'])")
         for pp in [int(x) for x in args.pp.split(",")]:
             r = report[f"pp{pp}"] = balance(pp, args.steps, tmp)
             print("\n".join(format_balance(pp, r)))

@@ -38,7 +38,7 @@ value (e.g. from the config) winning over both.
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from megamor.model.layout import Plan
 
@@ -206,22 +206,31 @@ def expected_layer_tokens(plan: Plan, seq_length: int) -> list[float]:
             for l in plan.layers]
 
 
-# Time a transformer layer spends outside matmuls (fused attention below matmul speed, norms,
-# RoPE, SwiGLU, residual adds, copies, routing's gather/scatter) as a fraction of its FLOPs' time,
-# by device; the output layer is one large matmul and pays none. cpu: torch profile of a step
-# (hidden 512), checked by one layer per pipeline stage (benchmarks/pipeline_balance.py
-# --overhead: 0.47-0.76) and by the stage balance it predicts (docs/performance.md).
-# cuda: not measured yet, 0 (the cut then balances FLOPs).
-LAYER_OVERHEAD = {"cpu": 0.43, "cuda": 0.0}
+class LayerOverhead(NamedTuple):
+    """Time a transformer layer spends outside matmuls, in units of FLOPs' time: `proportional`
+    grows with the layer's tokens (fused attention below matmul speed, norms, RoPE, SwiGLU,
+    residual adds, copies), `fixed` does not (per call: kernel launches, Python, a routed step's
+    router, top-k and gather/scatter), as a fraction of a full-length layer's FLOPs. The output
+    layer is one large matmul and pays neither."""
+    proportional: float = 0.0
+    fixed: float = 0.0
+
+
+# cpu: fitted by one unrolled layer per pipeline stage (`python benchmarks/pipeline_balance.py
+# --overhead`, 2026-11-30): full-length layers, one-third-token layers and the output layer
+# (0.150 / 0.068 / 0.118 s) give 0.33 / 0.33 at hidden 256, sequence 256; checked by the stage
+# balance it predicts (docs/performance.md). cuda: not measured yet, 0 (the cut balances FLOPs).
+LAYER_OVERHEAD = {"cpu": LayerOverhead(0.33, 0.33), "cuda": LayerOverhead(0.0, 0.0)}
 
 
 def pipeline_costs(model_cfg, plan: Plan, seq_length: int, vocab_size: int, routing_cfg=None,
-                   layer_overhead: float = 0.0):
+                   layer_overhead: LayerOverhead | float = 0.0):
     """What each piece of one sequence costs a pipeline stage, in training FLOPs (the FLOPs model
     above at the expected token counts): `layers[l]` = matmuls + attention of unrolled layer l at
     its tokens + the router scoring its input; `first` = the embedding lookup (no FLOPs);
     `last` = the output layer (the loss's softmax is elementwise, not counted); every layer's
-    cost is scaled by 1 + `layer_overhead` (`LAYER_OVERHEAD[device]`). Attention is
+    cost is scaled by 1 + the proportional overhead and charged the fixed overhead
+    (`LAYER_OVERHEAD[device]`; a float is a proportional overhead alone). Attention is
     charged for the causal pairs only: both backends run fused causal kernels (torch SDPA,
     Transformer Engine) that skip the masked half. Checked against measured per-stage CPU time
     (tests/test_planner.py, benchmarks/pipeline_balance.py). Returns a
@@ -229,8 +238,10 @@ def pipeline_costs(model_cfg, plan: Plan, seq_length: int, vocab_size: int, rout
     """
     from megamor.model.layout import StageCosts
 
+    o = layer_overhead if isinstance(layer_overhead, LayerOverhead) else LayerOverhead(layer_overhead)
     fl = flops_per_step(model_cfg, plan, expected_layer_tokens(plan, seq_length), seq_length, 1,
                         vocab_size, routing_cfg)
-    layers = tuple((1.0 + layer_overhead) * (a + r)
+    full = max(fl["per_layer"])  # a layer over every token
+    layers = tuple((1.0 + o.proportional) * (a + r) + o.fixed * full
                    for a, r in zip(fl["per_layer"], fl["per_layer_router"]))
     return StageCosts(layers=layers, first=0.0, last=fl["output"])
