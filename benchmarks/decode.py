@@ -20,6 +20,7 @@ entries stored after the run (recursion-wise caching stores only the tokens each
 processed) and of the buffers allocated to hold them (they grow geometrically).
 
     python benchmarks/decode.py [--batches 1,32] [--new 64] [--prompt 64] [--reps 3] [--kinds ...]
+                                [--profile]
 """
 
 from __future__ import annotations
@@ -108,11 +109,24 @@ def decode(model, prompt: torch.Tensor, continuation: torch.Tensor):
     model), not the model's own argmax: a random model's greedy output degenerates into
     repeating one token, which would make the routing pattern unrepresentative. The work per
     step is the same as in greedy decoding (logits of the last position included)."""
-    out = model(prompt, use_cache=True)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache = prefill(model, prompt)
+    t0 = time.perf_counter()
+    cache, traces = steps(model, cache, continuation)
+    seconds = time.perf_counter() - t0  # the routing statistics below are not timed
     new = continuation.shape[1]
-    traces, t0 = [], time.perf_counter()
-    for i in range(new):
+    counts = {r: sum(t[r].float().mean().item() for t in traces) / new for r in traces[0]}
+    return seconds, cache, counts
+
+
+def prefill(model, prompt: torch.Tensor):
+    out = model(prompt, use_cache=True)
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
+def steps(model, cache, continuation: torch.Tensor):
+    """The decode steps after the prefill: (cache, routing trace of each step)."""
+    traces = []
+    for i in range(continuation.shape[1]):
         nxt = continuation[:, i:i + 1]
         trace = {} if isinstance(model, MoRForCausalLM) else None
         kw = {"routing_trace": trace} if trace is not None else {}
@@ -120,9 +134,7 @@ def decode(model, prompt: torch.Tensor, continuation: torch.Tensor):
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         out.logits[:, -1].argmax(-1)
         traces.append(trace or {})
-    seconds = time.perf_counter() - t0  # the routing statistics below are not timed
-    counts = {r: sum(t[r].float().mean().item() for t in traces) / new for r in traces[0]}
-    return seconds, cache, counts
+    return cache, traces
 
 
 def kv_bytes(cache, allocated: bool = False) -> int:
@@ -144,6 +156,9 @@ def main():
     ap.add_argument("--kinds", default="vanilla,mor2,mor3,mor4,mor3_kvshare,hf_llama",
                     help="models to time (vanilla is always included: the ratios' base)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timings: torch.profiler of one decode of each model at the "
+                         "last batch size (top ops by self CPU time)")
     args = ap.parse_args()
     kinds = set(args.kinds.split(",")) | {"vanilla"}
     unknown = kinds - {"vanilla", "mor2", "mor3", "mor4", "mor3_kvshare", "hf_llama"}
@@ -203,6 +218,25 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+    if args.profile:
+        for kind, model in models.items():
+            profile(kind, model, prompt, continuation)
+
+
+def profile(kind: str, model, prompt: torch.Tensor, continuation: torch.Tensor, top: int = 10):
+    """Where one decode's time goes: the top ops by self CPU time, with their share."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    cache = prefill(model, prompt)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        steps(model, cache, continuation)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\nprofile {kind} (batch {prompt.shape[0]}, {continuation.shape[1]} decode steps): "
+          f"{total / 1e3:.0f} ms self CPU")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+        print(f"  {e.key:42s} {e.self_cpu_time_total / 1e3:8.1f} ms {100 * e.self_cpu_time_total / total:5.1f}%"
+              f"  {e.count:6d} calls")
 
 
 if __name__ == "__main__":
