@@ -238,31 +238,34 @@ class SharedBlockResidency:
 
 class AllGatherMeter:
     """Bytes DeepSpeed all-gathers (ZeRO-3 parameter fetches), counted at deepspeed.comm's two
-    all-gather entry points while installed; `take()` returns the count since the last take."""
+    all-gather entry points; `take()` returns the count since the last take. The wrappers are
+    installed once per process (a later trainer in the same process reuses them)."""
+
+    _bytes = 0
+    _installed = False
 
     def __init__(self):
-        import deepspeed.comm as dcomm
-        self._comm, self._originals, self._bytes = dcomm, {}, 0
-        for name, out_arg in (("allgather_fn", 0), ("all_gather_into_tensor", 0)):
-            original = getattr(dcomm, name)
-            self._originals[name] = original
-            setattr(dcomm, name, self._counting(original, out_arg))
+        cls = type(self)
+        if not cls._installed:
+            import deepspeed.comm as dcomm
+            for name in ("allgather_fn", "all_gather_into_tensor"):
+                setattr(dcomm, name, cls._counting(getattr(dcomm, name)))
+            cls._installed = True
+        self.take()
 
-    def _counting(self, fn, out_arg: int):
+    @classmethod
+    def _counting(cls, fn):
         def wrapper(*args, **kwargs):
-            out = args[out_arg] if len(args) > out_arg else kwargs.get("output_tensor")
+            out = args[0] if args else kwargs.get("output_tensor")
             if out is not None:
-                self._bytes += out.numel() * out.element_size()
+                cls._bytes += out.numel() * out.element_size()
             return fn(*args, **kwargs)
         return wrapper
 
-    def take(self) -> int:
-        n, self._bytes = self._bytes, 0
+    @classmethod
+    def take(cls) -> int:
+        n, cls._bytes = cls._bytes, 0
         return n
-
-    def remove(self) -> None:
-        for name, fn in self._originals.items():
-            setattr(self._comm, name, fn)
 
 
 class ParamGatherMeter:
@@ -354,8 +357,7 @@ class DeepSpeedTrainer(Trainer):
 
         cfg, dims = self.cfg, self.dims
         t = cfg.train
-        num_micro = t.global_batch_size // (t.micro_batch_size * dims.dp)
-        generated = deepspeed_config(cfg, dims.dp, num_micro, self.device.type,
+        generated = deepspeed_config(cfg, dims.dp, self.num_microbatches, self.device.type,
                                      self.dtype == torch.bfloat16)
         self.ds_config, overridden = apply_overrides(generated, cfg.parallel.deepspeed_config)
         if dims.rank == 0:
