@@ -9,7 +9,7 @@ megatron's own import result, and `fusion_flags()` turns on what exists and has 
     flag                          kernel                                        on when
     bias_activation_fusion        SwiGLU, megatron's jit fuser (torch.compile)   CUDA
     bias_dropout_fusion           bias-dropout-add, megatron's jit fuser         CUDA
-    cross_entropy_loss_fusion     megatron's fused vocab-parallel cross-entropy  CUDA
+    cross_entropy_loss_fusion     megatron's fused vocab-parallel cross-entropy  CUDA + bf16
     gradient_accumulation_fusion  apex's fused_weight_gradient_mlp_cuda          CUDA + apex
     apply_rope_fusion             TE's fused RoPE                                never (below)
     masked_softmax_fusion         apex's scaled masked softmax                   never (below)
@@ -25,6 +25,8 @@ megatron's own import result, and `fusion_flags()` turns on what exists and has 
   RoPE could serve full-length token sets only: it takes one angle table for the whole batch
   ([s, 1, 1, d]; its THD form restarts positions at each packed sequence), not the per-sequence
   original positions of a gathered set.
+- Cross-entropy fusion: megatron's native fused kernel casts the logits' gradient to bf16 in
+  its backward, whatever the model's dtype; an fp32 run keeps the unfused (fp32) loss.
 Transformer Engine changes no flag here: its kernels (LayerNorm fused into the linear, cuDNN /
 flash attention, FP8 GEMMs) live inside its modules. Not flags, chosen by megatron itself: fused
 Adam and the multi-tensor grad norm / scale come from TE or apex when installed, else torch.
@@ -40,14 +42,14 @@ def apex_wgrad_available() -> bool:
     return bool(layers._grad_accum_fusion_available)
 
 
-def fusion_flags(device_type: str, apex_wgrad: bool) -> dict[str, bool]:
+def fusion_flags(device_type: str, apex_wgrad: bool, bf16: bool) -> dict[str, bool]:
     """TransformerConfig fusion flags for a run on `device_type` ("cuda" or "cpu"), given whether
-    apex's weight-gradient kernel is installed."""
+    apex's weight-gradient kernel is installed and whether the model computes in bf16."""
     gpu = device_type == "cuda"
     return {
         "bias_activation_fusion": gpu,
         "bias_dropout_fusion": gpu,
-        "cross_entropy_loss_fusion": gpu,
+        "cross_entropy_loss_fusion": gpu and bf16,
         "gradient_accumulation_fusion": gpu and apex_wgrad,
         "apply_rope_fusion": False,
         "masked_softmax_fusion": False,

@@ -59,21 +59,29 @@ def on(flags: dict) -> set:
 
 
 def test_fusions_follow_device_and_installed_kernels():
-    """GPU: megatron's jit-fused kernels always, apex's weight-gradient fusion when apex is
+    """GPU: megatron's jit-fused kernels always, its fused cross-entropy in bf16 only (its
+    backward casts the logits' gradient to bf16), apex's weight-gradient fusion when apex is
     there (Transformer Engine alone changes no flag: the local output layer needs apex's kernel);
     CPU: none. Then the flags in the TransformerConfig megamor builds."""
     from megamor.config import load_config
     from megamor.model import transformer_config
 
-    assert on(fusion_flags("cuda", apex_wgrad=False)) == JIT  # neither, or TE only
-    assert on(fusion_flags("cuda", apex_wgrad=True)) == JIT | {"gradient_accumulation_fusion"}
-    assert on(fusion_flags("cpu", apex_wgrad=True)) == set()
-    names = set(fusion_flags("cpu", False))
+    assert on(fusion_flags("cuda", apex_wgrad=False, bf16=True)) == JIT  # neither, or TE only
+    assert on(fusion_flags("cuda", apex_wgrad=True, bf16=True)) == \
+        JIT | {"gradient_accumulation_fusion"}
+    assert on(fusion_flags("cuda", apex_wgrad=False, bf16=False)) == \
+        JIT - {"cross_entropy_loss_fusion"}
+    assert on(fusion_flags("cpu", apex_wgrad=True, bf16=True)) == set()
+    names = set(fusion_flags("cpu", False, False))
     cfg = load_config(None, ["model.preset=tiny"])
     assert {k for k in names if getattr(transformer_config(cfg, torch.float32), k)} == set()
-    # A GPU config with what this machine has (megatron validates the flags it is given).
-    gpu = transformer_config(cfg, torch.float32, device_type="cuda")
-    assert {k for k in names if getattr(gpu, k)} == on(fusion_flags("cuda", apex_wgrad_available()))
+    # GPU configs with what this machine has (megatron validates the flags it is given).
+    for dtype in (torch.float32, torch.bfloat16):
+        gpu = transformer_config(cfg, dtype, device_type="cuda")
+        assert {k for k in names if getattr(gpu, k)} == \
+            on(fusion_flags("cuda", apex_wgrad_available(), dtype == torch.bfloat16))
+    assert not transformer_config(cfg, torch.float32, device_type="cuda").cross_entropy_loss_fusion
+    assert transformer_config(cfg, torch.bfloat16, device_type="cuda").cross_entropy_loss_fusion
 
 
 def test_gpu_check_driver_runs_on_cpu(tmp_path, builtin_root):

@@ -74,7 +74,7 @@ def transformer_config(cfg: Config, dtype: torch.dtype, fp8: bool = False,
         use_cpu_initialization=True,
         perform_initialization=True,
         # Fused kernels where they exist (GPU; one needs apex): megamor/kernels.py.
-        **fusion_flags(device_type, device_type == "cuda" and apex_wgrad_available()),
+        **fusion_flags(device_type, device_type == "cuda" and apex_wgrad_available(), bf16),
         # Batched p2p pairs sends/receives wrongly when prev and next stage are one rank.
         batch_p2p_comm=False,
         batch_p2p_sync=False,
