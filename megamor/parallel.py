@@ -134,6 +134,15 @@ def create_shared_layer_groups(dims: ParallelDims, plan: Plan, ranges: list[tupl
             dims.shared_layer_groups[u] = by_stages[stages]
 
 
+def unwrap_stage(model):
+    """The model stage (megamor's MoRModel) inside whatever wraps it: megatron's
+    DistributedDataParallel, and Float16Module in bf16 runs (which forwards no attributes).
+    megatron's own `get_attr_wrapped_model` walks the `.module` chain."""
+    from megatron.core.utils import get_attr_wrapped_model
+
+    return get_attr_wrapped_model(model, "shared_embedding_or_output_weight", return_model_obj=True)
+
+
 def allreduce_shared_grads(model, dims: ParallelDims) -> None:
     """Sum the gradients of weights copied on several stages over the stages that hold them:
     shared recursion layers, and the embedding tied to the output layer.
@@ -142,7 +151,7 @@ def allreduce_shared_grads(model, dims: ParallelDims) -> None:
     `finalize_model_grads`; both reductions are sums, so their order does not matter, and doing
     this one first keeps it independent of how the distributed optimizer shards the buffers.
     """
-    inner = model.module if hasattr(model, "module") else model
+    inner = unwrap_stage(model)
     per_group: dict[int, tuple[object, list]] = {}
     if dims.embedding_group is not None:
         w = inner.shared_embedding_or_output_weight()

@@ -50,6 +50,11 @@ def _is_cuda(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+# CPU tensor type names -> what megatron's optimizers expect from `param.type()` on a GPU.
+_CUDA_TYPE_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor",
+                    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
+
+
 class _CudaToCpu(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -59,7 +64,7 @@ class _CudaToCpu(TorchFunctionMode):
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
-            return "torch.cuda.FloatTensor" if name == "torch.FloatTensor" else name
+            return _CUDA_TYPE_NAMES.get(name, name)
         return func(*args, **kwargs)
 
 

@@ -25,7 +25,7 @@ from megamor import parallel
 from megamor.config import Config, save_config
 from megamor.data import GlobalBatchSampler, get_batch
 from megamor.model import build_stage, padded_vocab_size, plan_for, transformer_config
-from megamor.model.mor_model import MEAN_STATS, dead_token_ratios
+from megamor.model.mor_model import MEAN_STATS, dead_token_ratios, fp8_padded
 from megamor.flops import flops_per_step, peak_flops_per_device
 from megamor.console import (MfuWindow, banner, checkpoint_line, mlflow_location,
                              parameter_count, silence_expected_megatron_noise, summary_line)
@@ -35,6 +35,8 @@ from megamor.checkpoint import (EXIT_PREEMPTED, OPTIMIZER_FORMAT, Checkpointer, 
 from megamor.lifecycle import PREEMPTED_MARKER, STOP_SIGNALS, exit_with_launcher
 from megamor.schedule import build_scheduler, plan_resume, saved_schedule
 from megamor.shims import install_cpu_shims, install_torch_adam_fixes, seed_model_parallel_rng
+from megamor.device import resolve_device
+from megamor.precision import resolve_precision, wrap_for_precision
 
 
 
@@ -69,32 +71,6 @@ class Preempted(SystemExit):
     def __init__(self, step: int):
         super().__init__(EXIT_PREEMPTED)
         self.step = step
-
-def resolve_device(cfg: Config) -> torch.device:
-    want = cfg.train.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu")
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def resolve_precision(cfg: Config, device: torch.device) -> tuple[torch.dtype, bool]:
-    p = cfg.train.precision
-    if p in ("bf16", "fp8") and device.type != "cuda":
-        raise RuntimeError(f"train.precision={p} needs a CUDA GPU; on CPU use fp32 (or auto)")
-    if p == "fp8":
-        try:
-            import transformer_engine  # noqa: F401
-        except ImportError:
-            raise RuntimeError("train.precision=fp8 needs Transformer Engine (pip install "
-                               "'megamor[gpu]'; see docs/cluster.md)") from None
-        if cfg.model.backend == "local":
-            raise RuntimeError("train.precision=fp8 needs model.backend=te (or auto)")
-    if p == "auto":
-        p = "bf16" if device.type == "cuda" else "fp32"
-    return (torch.bfloat16 if p in ("bf16", "fp8") else torch.float32), p == "fp8"
-
 
 def open_dataset(cfg: Config):
     """The tokenizer and the training samples: one prepared dataset, a weighted blend
@@ -209,9 +185,7 @@ class Trainer:
         model.to(self.device)
         self.stage = model
         parallel.create_shared_layer_groups(dims, self.plan, self.ranges, model)
-        if self.dtype == torch.bfloat16:
-            from megatron.core.transformer.module import Float16Module
-            model = Float16Module(self.tcfg, model)
+        model = wrap_for_precision(self.tcfg, model)  # bf16: Float16Module, fp32 routers
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
@@ -454,7 +428,7 @@ class Trainer:
         from megamor.inference import depths_from_trace
 
         stage, dims = self.stage, self.dims
-        tokens = torch.tensor([ids], device=self.device)  # [1, s]
+        tokens = torch.tensor([fp8_padded(ids, self.tcfg)], device=self.device)  # [1, s']
         saved = (stage.stats, stage.token_counts, stage.position_counts)
         rng, was_training = rng_state(), self.model.training
         stage.reset_stats()
@@ -463,7 +437,7 @@ class Trainer:
         try:
             with torch.no_grad():
                 self._forward_only(tokens)
-            trace = {r: m[:, 0].tolist() for r, m in stage.routing_trace.items()}
+            trace = {r: m[:len(ids), 0].tolist() for r, m in stage.routing_trace.items()}
         finally:
             stage.trace_routing = False
             self.model.train(was_training)
@@ -476,22 +450,55 @@ class Trainer:
             return None
         return depths_from_trace({r: t for tr in traces for r, t in tr.items()}, stage.rcfg.type)
 
-    def _forward_only(self, tokens: torch.Tensor) -> None:
-        """One forward of `tokens` [1, s] through the pipeline (megatron's schedule)."""
+    def _forward_only(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None) -> list:
+        """One forward of `tokens` [b, s] through the pipeline (megatron's schedule, which also
+        marks the first micro-batch: FP8 weight casts are refreshed). With `labels`, returns
+        the last stage's [{"lm_loss": mean loss}] (empty elsewhere); without, keeps the logits."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
         dims, wire = self.dims, self.stage.wire_channels
 
         def forward_step(data_iterator, model):
             next(data_iterator)
-            return model(input_ids=tokens if dims.first_stage else None), None  # keep the logits
+            if labels is None:
+                return model(input_ids=tokens if dims.first_stage else None), None  # logits
+            return model(input_ids=tokens if dims.first_stage else None,
+                         labels=labels if dims.last_stage else None), self._loss
 
         def adjust_shapes(recv, send):
             return [(s[0], s[1], wire) for s in recv], [(s[0], s[1], wire) for s in send]
 
-        get_forward_backward_func()(
+        return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter([None]), model=[self.model],
-            num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=1, forward_only=True,
-            adjust_tensor_shapes_fn=adjust_shapes if dims.pp > 1 else None)
+            num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
+            forward_only=True, adjust_tensor_shapes_fn=adjust_shapes if dims.pp > 1 else None)
+
+    def batch_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> float:
+        """Mean loss of one batch [b, s] under training-mode routing (top-k), on every rank,
+        through megatron's schedule (forward only): a direct call of the model would skip the
+        schedule's first-micro-batch mark and, under Transformer Engine, reuse the FP8 casts of
+        the weights before the last optimizer step. Nothing of training changes: no gradients;
+        router statistics, router buffers (loss-free loads) and RNG state are restored."""
+        from megamor.checkpoint import rng_state, set_rng_state
+        stage, dims = self.stage, self.dims
+        saved = (stage.stats, stage.token_counts, stage.position_counts)
+        buffers = [(b, b.clone()) for b in stage.buffers()]
+        rng, was_training = rng_state(), self.model.training
+        stage.reset_stats()
+        self.model.train()
+        try:
+            with torch.no_grad():
+                out = self._forward_only(tokens, labels)
+        finally:
+            self.model.train(was_training)
+            stage.stats, stage.token_counts, stage.position_counts = saved
+            for b, value in buffers:
+                b.copy_(value)
+            set_rng_state(rng)
+        loss = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if dims.last_stage:
+            loss[0] = out[0]["lm_loss"].double()
+        dist.all_reduce(loss, group=dims.pp_group)  # from the last stage to every stage
+        return float(loss.item())
 
     def log_depth_map(self, out: Path) -> None:
         """Depth map of the fixed sample at this step: `<run>/depth_maps/step_XXXXXXXX.{html,png}`,

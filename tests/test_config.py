@@ -96,3 +96,49 @@ def test_gpu_only_paths_fail_clearly_without_a_gpu():
         resolve_device(load_config(None, ["train.device=cuda"]))
     with pytest.raises(RuntimeError, match="backend=te needs"):
         spec_for_run("te", load_config().model, load_config().routing)
+
+
+def test_cpu_bf16_is_an_explicit_opt_in(monkeypatch):
+    """MEGAMOR_CPU_BF16=1 (the suite, anyone testing the GPU program on a CPU) lifts the CPU
+    refusal of bf16, and of bf16 only."""
+    import torch
+    from megamor.trainer import resolve_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("MEGAMOR_CPU_BF16", "1")
+    assert resolve_precision(load_config(None, ["train.precision=bf16"]), cpu) == \
+        (torch.bfloat16, False)
+    assert resolve_precision(load_config(), cpu) == (torch.float32, False)  # auto: still fp32
+    with pytest.raises(RuntimeError, match="precision=fp8 needs a CUDA GPU"):
+        resolve_precision(load_config(None, ["train.precision=fp8"]), cpu)
+    monkeypatch.setenv("MEGAMOR_CPU_BF16", "0")
+    with pytest.raises(RuntimeError, match="precision=bf16 needs a CUDA GPU"):
+        resolve_precision(load_config(None, ["train.precision=bf16"]), cpu)
+
+
+@pytest.mark.parametrize("visible,local_rank,local_world,want", [
+    (8, 5, "8", 5),     # every rank sees the node's GPUs: cuda:LOCAL_RANK
+    (1, 5, "8", 0),     # srun --gpus-per-task=1 / gpu-bind: each rank sees its own as cuda:0
+    (1, 0, None, 0),
+    (4, 3, None, 3),    # local world size unknown: LOCAL_RANK when it fits
+    (2, 5, "8", None),  # neither all nor one: no rule is right
+])
+def test_the_gpu_of_a_rank_follows_what_it_sees(monkeypatch, visible, local_rank, local_world,
+                                               want):
+    import torch
+    from megamor.trainer import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    if local_world:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    else:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cfg = load_config(None, ["train.device=cuda"])
+    if want is None:
+        with pytest.raises(RuntimeError, match=f"LOCAL_RANK={local_rank} of 8 ranks on this "
+                                               f"node, but this rank sees {visible} GPUs"):
+            resolve_device(cfg)
+    else:
+        assert resolve_device(cfg) == torch.device("cuda", want)

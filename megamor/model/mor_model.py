@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from megatron.core import fp8_utils, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.transformer.enums import AttnMaskType, ModelType
@@ -34,6 +34,7 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megamor.config import ModelConfig, RoutingConfig
+from megamor.model import fp8
 from megamor.model.layout import Plan
 from megamor.model.attention import AttentionCall, Rotary
 from megamor.model.routing import ActiveSet, AttachAuxLoss, balancing_loss, z_loss
@@ -82,6 +83,14 @@ def fp8_row_multiple(config: TransformerConfig) -> int:
     if not config.fp8:
         return 1
     return 32 if str(getattr(config.fp8_recipe, "value", config.fp8_recipe)) == "mxfp8" else 16
+
+
+def fp8_padded(ids: list[int], config: TransformerConfig, pad_id: int = 0) -> list[int]:
+    """`ids` of one sequence padded at the end to the rows FP8 GEMMs need (a full-length layer
+    of a batch of one sees len(ids) rows): for forward passes of any length, such as depth
+    maps. Under threshold (inference) routing and causal attention the padding changes nothing
+    for the tokens before it."""
+    return list(ids) + [pad_id] * (-len(ids) % fp8_row_multiple(config))
 
 
 @contextlib.contextmanager
@@ -296,6 +305,22 @@ class MoRModel(LanguageModule):
                            self.mcfg.rotary_base)
         kv_store: dict = {}
         scope = self.recursion_scope if self._loop_span else None
+        with fp8.forward_context(self.config):  # delayed scaling: one FP8 context
+            state = self._run_segments(state, s, b, full_rope, kv_store, scope)
+        for layer in self.layers.values():
+            layer.self_attention.call = None
+        if not self.post_process:
+            return state.pack() if self.routed else state.x
+        x = state.x if state.xg is None else state.tokens.scatter(state.x, state.xg)
+        x = self.final_norm(x)
+        logits, _ = self.output_layer(x, weight=self.shared_embedding_or_output_weight())
+        if labels is None:
+            return logits
+        return self.compute_language_model_loss(labels, logits)  # [b, s]
+
+    def _run_segments(self, state: StageState, s: int, b: int, full_rope: Rotary, kv_store: dict,
+                      scope) -> StageState:
+        """The stage's unrolled layers, segment by segment (routing, gather, layers, scatter)."""
         for i, seg in enumerate(self.segments):
             if scope is not None and i == self._loop_span[0]:
                 state.x = scope.enter(state.x)
@@ -325,16 +350,7 @@ class MoRModel(LanguageModule):
                 self._end_step(state, step)
         if scope is not None and self._loop_span[1] == len(self.segments) - 1:
             state.x = scope.exit(state.x)
-        for layer in self.layers.values():
-            layer.self_attention.call = None
-        if not self.post_process:
-            return state.pack() if self.routed else state.x
-        x = state.x if state.xg is None else state.tokens.scatter(state.x, state.xg)
-        x = self.final_norm(x)
-        logits, _ = self.output_layer(x, weight=self.shared_embedding_or_output_weight())
-        if labels is None:
-            return logits
-        return self.compute_language_model_loss(labels, logits)  # [b, s]
+        return state
 
     # -------------------------------------------------------------- running layers
 
@@ -352,15 +368,16 @@ class MoRModel(LanguageModule):
 
     def _run(self, seg, calls, x: Tensor, mask, packed_seq_params=None) -> Tensor:
         """Run a segment's layers as megatron's TransformerBlock runs its layers: each inside
-        megatron's FP8 context for its (unrolled, global) layer number, under full activation
-        recompute per layer or per segment when configured."""
+        megatron's FP8 context for its (unrolled, global) layer number (megamor.model.fp8: FP8
+        contexts and weight-cast flags of shared layers), under full activation recompute per
+        layer or per segment when configured."""
 
         def one(l, call):
             layer = self.layers[str(l.unique)]
 
             def fn(x):
                 layer.self_attention.call = call  # set inside: recompute runs it again
-                with self._quantization_context(l.index):
+                with fp8.layer_context(self.config, l.index, layer):
                     return layer(hidden_states=x, attention_mask=mask,
                                  packed_seq_params=packed_seq_params)[0]
             return fn
@@ -380,11 +397,6 @@ class MoRModel(LanguageModule):
                 x = fn(x)
             return x
         return self._checkpoint(all_of_them, x)
-
-    def _quantization_context(self, layer_index: int):
-        if not self.config.fp8:
-            return contextlib.nullcontext()
-        return fp8_utils.get_fp8_context(self.config, layer_index)
 
     def _checkpoint(self, fn, x: Tensor) -> Tensor:
         """Full recompute of `fn(x)`: megatron's checkpoint (TE's under FP8, as TransformerBlock
@@ -441,7 +453,7 @@ class MoRModel(LanguageModule):
             x = self._attach(x, aux, self.rcfg.aux_loss_weight)
             state.x = state.base = x
             state.active = selected.to(x.dtype)
-            state.gate = gate * selected
+            state.gate = (gate * selected).to(x.dtype)  # fp32 router, activations' dtype
         elif step == 1:
             router = self.routers["1"]
             depth, gate, probs, logits, counts = router.route(x, self.rcfg.balancing == "loss_free")
@@ -460,7 +472,7 @@ class MoRModel(LanguageModule):
                 self._count_positions(i + 1, depth >= i + 1)  # step r runs depths >= r
             state.x = state.base = x
             state.active = depth.to(x.dtype)
-            state.gate = gate
+            state.gate = gate.to(x.dtype)  # fp32 router, activations' dtype
         self._gather(state, step)
         if self.trace_routing:
             self.routing_trace[step] = state.active.detach().clone()

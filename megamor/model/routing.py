@@ -168,7 +168,30 @@ class AttachAuxLoss(torch.autograd.Function):
 # ----------------------------------------------------------------------------- routers
 
 
-class ExpertChoiceRouter(nn.Module):
+class Fp32Router(nn.Module):
+    """A router computes in fp32 whatever the model's dtype: its logits, scores, top-k / argmax,
+    losses and statistics (megatron's MoE routers likewise, `moe_router_dtype=fp32`); the caller
+    casts the gate to the activations' dtype. `keeps_fp32`: a bf16 model keeps this module's
+    parameters and buffers fp32 (megamor.precision.wrap_for_precision); where another wrapper
+    cast the buffers anyway (DeepSpeed's bf16 engine), they go back to fp32 before use."""
+
+    keeps_fp32 = True
+
+    def _fp32_buffers(self) -> None:
+        for name, b in self.named_buffers(recurse=False):
+            if b.is_floating_point() and b.dtype != torch.float32:
+                self._buffers[name] = b.float()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._fp32_buffers()  # load fp32 values into fp32 buffers
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., h] (any dtype) @ weight^T in fp32."""
+        return x.float() @ self.weight.float().t()
+
+
+class ExpertChoiceRouter(Fp32Router):
     """One router per recursion step: bias-free d -> 1 linear, gate = alpha * sigmoid(logit)."""
 
     def __init__(self, hidden_size: int, alpha: float, init_std: float, aux_router: bool):
@@ -188,12 +211,16 @@ class ExpertChoiceRouter(nn.Module):
                     nn.init.normal_(mod.weight, 0.0, init_std)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return (x @ self.weight.t()).squeeze(-1)  # [s, b]
+        return self._linear(x).squeeze(-1)  # [s, b] fp32
+
+    def _aux_logits(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.aux[0].weight
+        return self.aux(x.detach().to(w.dtype)).squeeze(-1).float()
 
     def route(self, x: torch.Tensor, reached: torch.Tensor, capacity: float, threshold: bool):
         """x [s, b, h], reached [s, b] bool (survivors of the previous step).
 
-        Returns (selected [s, b] bool, gate [s, b], aux_loss scalar or None, stats dict).
+        Returns (selected [s, b] bool, gate [s, b] fp32, aux_loss scalar or None, stats dict).
         Training: top-k_r per sequence among `reached`, k_r = max(1, floor(c_r * s)).
         Inference (`threshold`): continue iff sigmoid(logit) >= 0.5 (or the aux router's),
         which looks at no future token; a step of capacity 1 keeps every reached token.
@@ -201,7 +228,7 @@ class ExpertChoiceRouter(nn.Module):
         s, b, _ = x.shape
         logit = self.logits(x)
         gate = self.alpha * torch.sigmoid(logit)
-        aux_logit = self.aux(x.detach()).squeeze(-1) if self.aux is not None else None
+        aux_logit = self._aux_logits(x) if self.aux is not None else None
         k = max(1, int(capacity * s))
         # Top-k ranks logits (sigmoid is monotonic); unreachable tokens can never win.
         masked = logit.detach().masked_fill(~reached, float("-inf"))
@@ -213,7 +240,7 @@ class ExpertChoiceRouter(nn.Module):
             thresh_sel = reached.clone()
         selected = thresh_sel if threshold else topk_sel
         # BCE between the raw logit and "was selected", over the tokens that reached this step.
-        target = topk_sel.to(x.dtype)
+        target = topk_sel.to(logit.dtype)
         n = reached.sum().clamp(min=1)
         aux = None
         if self.aux is None:
@@ -228,7 +255,7 @@ class ExpertChoiceRouter(nn.Module):
         return selected, gate, aux, stats
 
 
-class TokenChoiceRouter(nn.Module):
+class TokenChoiceRouter(Fp32Router):
     """One router on H^1: d -> N_r logits, softmax; depth = argmax (+ loss-free bias)."""
 
     def __init__(self, hidden_size: int, num_recursions: int, alpha: float, init_std: float):
@@ -242,9 +269,11 @@ class TokenChoiceRouter(nn.Module):
         self.register_buffer("load", torch.zeros(num_recursions), persistent=False)
 
     def route(self, x: torch.Tensor, use_bias: bool, dp_group=None):
-        """x [s, b, h] -> depth [s, b] in 1..N_r, gate [s, b], probs [s, b, N_r], logits."""
-        logits = x @ self.weight.t()  # [s, b, N_r]
-        probs = torch.softmax(logits.float(), dim=-1).to(x.dtype)
+        """x [s, b, h] -> depth [s, b] in 1..N_r, gate [s, b], probs [s, b, N_r], logits (all
+        fp32), counts [N_r]."""
+        self._fp32_buffers()
+        logits = self._linear(x)  # [s, b, N_r]
+        probs = torch.softmax(logits, dim=-1)
         score = probs.detach() + (self.bias if use_bias else 0.0)
         choice = score.argmax(-1)  # [s, b]
         gate = self.alpha * probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
@@ -256,6 +285,7 @@ class TokenChoiceRouter(nn.Module):
     @torch.no_grad()
     def update_bias(self, rate: float, dp_group=None) -> None:
         """b_i += rate * sign(mean_load - load_i), loads global over data-parallel ranks."""
+        self._fp32_buffers()
         load = self.load.clone()
         if dp_group is not None and torch.distributed.is_initialized():
             torch.distributed.all_reduce(load, group=dp_group)
