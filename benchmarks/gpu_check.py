@@ -3,33 +3,45 @@
 For each model preset and activation-recompute mode: a few training steps through the real
 `Trainer` (world size 1, process group `cpu:gloo,cuda:nccl`), then
 
-- every tensor handed to a torch.distributed collective was on the GPU (NCCL takes no other),
+- every tensor handed to a torch.distributed collective was one NCCL takes: megamor's collective
+  guard (megamor/testing/collective_guard.py, the one the tests use) watches the whole run,
+  checkpoint save and resume included; object collectives (checkpoint planning) are recorded,
+  not judged, as torch correctly runs them on the group's CPU side;
 - the losses are finite, and the loss of a fixed batch falls over the run's steps,
 - the bf16 model's loss on a batch is within `--tolerance` (relative) of an fp32 copy of the
-  same weights on the same batch,
+  same weights on the same batch; the bf16 loss goes through megatron's schedule
+  (`Trainer.batch_loss`), which under Transformer Engine refreshes the FP8 weight casts,
 - tokens/s, model TFLOP/s per GPU (megamor's FLOPs model of what ran), MFU (against the
   datasheet peak of the precision running) and peak GPU memory, from synchronised step times.
 
-The first run also saves a checkpoint and the second (same preset) resumes from it
-(checkpoint barriers and object collectives over the multi-backend group). Transformer Engine
-variants run only where TE is importable. Exit status 1 if any check failed.
+The first run also saves a checkpoint and the second (same preset) resumes from it.
+Transformer Engine variants run only where TE is importable. The check stops starting runs at
+`--deadline-s` (a run that would not finish in time fails the check), and its last line is the
+verdict: `gpu_check: PASS ...` or `gpu_check: FAIL ...`. Exit status 0 / 1 (2: no GPU).
 
     bash benchmarks/gpu_check.sh                  # on the GPU machine (installs carried wheels)
     python benchmarks/gpu_check.py --cpu-smoke    # the same driver on CPU/gloo, tiny shape
+
+`--cpu-smoke` rehearses the GPU program on the CPU: bf16 under megatron's Float16Module
+(`MEGAMOR_CPU_BF16=1`), a multi-backend default group (`cpu:gloo,cuda:gloo`, the shape of a GPU
+run's `cpu:gloo,cuda:nccl`), the guard judging where each tensor would live on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import importlib.util
 import json
 import math
+import os
 import statistics
 import sys
 import time
 import traceback
 import warnings
+from collections import Counter
 from pathlib import Path
 
 warnings.filterwarnings("ignore")
@@ -39,65 +51,16 @@ import torch.distributed as dist  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+STARTED = time.perf_counter()
 
-TENSOR_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
-                      "reduce_scatter_tensor", "broadcast", "reduce", "send", "recv", "isend",
-                      "irecv", "_all_gather_base", "_reduce_scatter_base")
-
-
-class DeviceRule:
-    """Records each tensor handed to a collective that is not on the training device (on a GPU:
-    exactly what NCCL rejects), except on groups created with an explicit gloo backend."""
-
-    def __init__(self):
-        self.device: torch.device | None = None
-        self.violations: list[str] = []
-        self.calls = 0
-        self._gloo: set[int] = set()
-
-    def install(self) -> None:
-        """Before megatron is imported: it keeps references to some of these functions."""
-        import torch.distributed.distributed_c10d as c10d
-
-        for name in TENSOR_COLLECTIVES:
-            if hasattr(c10d, name):
-                w = self._wrap(name, getattr(c10d, name))
-                setattr(c10d, name, w)
-                setattr(dist, name, w)
-        new_group = c10d.new_group
-
-        def recording_new_group(*args, **kwargs):
-            g = new_group(*args, **kwargs)
-            if str(kwargs.get("backend") or "").lower() == "gloo":
-                self._gloo.add(id(g))
-            return g
-
-        c10d.new_group = dist.new_group = recording_new_group
-
-    def _wrap(self, name, fn):
-        def wrapped(*args, **kwargs):
-            group = kwargs.get("group")
-            if self.device is not None and id(group) not in self._gloo:
-                self.calls += 1
-                for a in list(args) + list(kwargs.values()):
-                    ts = a if isinstance(a, (list, tuple)) else [a]
-                    for t in ts:
-                        if isinstance(t, torch.Tensor) and t.device.type != self.device.type:
-                            where = traceback.extract_stack(limit=4)[0]
-                            self.violations.append(f"{name}: {t.device} tensor {tuple(t.shape)} "
-                                                   f"from {where.filename}:{where.lineno}")
-            return fn(*args, **kwargs)
-
-        return wrapped
-
-
-RULE = DeviceRule()
+from megamor.testing.collective_guard import OBJECT_CALLS  # noqa: E402 (torch only)
 
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true",
-                    help="CPU/gloo, tiny preset, seq 64, fp32 (proves the driver, not the GPU)")
+                    help="CPU/gloo, tiny preset, seq 64, bf16 (rehearses the driver and the bf16 "
+                         "program, not the GPU)")
     ap.add_argument("--presets", default="135m,1p7b")
     ap.add_argument("--recompute", default="none,full", help="model.recompute modes to run")
     ap.add_argument("--seq", type=int, default=2048)
@@ -107,13 +70,16 @@ def parse_args():
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the timings")
     ap.add_argument("--tolerance", type=float, default=2e-2,
                     help="relative |loss - fp32 loss| allowed for bf16")
+    ap.add_argument("--deadline-s", type=float, default=420,
+                    help="start no run after this many seconds since the driver started (a run "
+                         "not started fails the check); the verdict comes before 8 minutes")
     ap.add_argument("--out", default=str(ROOT / "runs" / "gpu_check"))
     ap.add_argument("--data-root", default=None, help="data.builtin_root (default: megamor's)")
     ap.add_argument("overrides", nargs="*", help="section.option=value for every run")
     a = ap.parse_args()
     if a.cpu_smoke:
         a.presets, a.recompute, a.seq = "tiny", "none,full", 64
-        a.micro_batch, a.global_batch, a.steps, a.warmup, a.tolerance = 2, 4, 3, 1, 1e-5
+        a.micro_batch, a.global_batch, a.steps, a.warmup = 2, 4, 3, 1
     if a.warmup >= a.steps:
         ap.error(f"--warmup={a.warmup} must be below --steps={a.steps}")
     return a
@@ -123,13 +89,12 @@ def runs(args) -> list[dict]:
     """(name, overrides) of every run: presets x recompute modes, local backend; then TE
     variants (bf16, fp8) of the first preset where Transformer Engine is importable."""
     device = "cpu" if args.cpu_smoke else "cuda"
-    precision = "fp32" if args.cpu_smoke else "bf16"
     out = []
     for preset in args.presets.split(","):
         for rc in args.recompute.split(","):
-            out.append({"name": f"{preset}-{rc}", "preset": preset, "precision": precision,
+            out.append({"name": f"{preset}-{rc}", "preset": preset, "precision": "bf16",
                         "over": [f"model.preset={preset}", f"model.recompute={rc}",
-                                 "model.backend=local", f"train.precision={precision}",
+                                 "model.backend=local", "train.precision=bf16",
                                  f"train.device={device}"]})
     if not args.cpu_smoke and importlib.util.find_spec("transformer_engine") is not None:
         first = args.presets.split(",")[0]
@@ -153,17 +118,9 @@ def fixed_batch(trainer, device) -> tuple[torch.Tensor, torch.Tensor]:
     return batch["tokens"].to(device), batch["labels"].to(device)
 
 
-@torch.no_grad()
-def batch_loss(model, stage, tokens, labels) -> float:
-    """Mean loss of one batch in train-mode routing (top-k), without gradients; the stage's
-    router statistics are left as they were before."""
-    loss = model(input_ids=tokens, labels=labels).float().mean().item()
-    stage.reset_stats()
-    return loss
-
-
 def fp32_loss(trainer, cfg, device, tokens, labels) -> float:
-    """The same batch through an fp32 copy of the trainer's current weights (TF32 off)."""
+    """The same batch through an fp32 copy of the trainer's current weights (TF32 off), called
+    directly: no FP8 there, so no weight casts to refresh."""
     from megamor.model import build_stage, transformer_config
 
     tcfg = transformer_config(cfg, torch.float32, device_type=device.type)
@@ -174,13 +131,14 @@ def fp32_loss(trainer, cfg, device, tokens, labels) -> float:
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        return batch_loss(ref, ref, tokens, labels)
+        with torch.no_grad():
+            return ref(input_ids=tokens, labels=labels).float().mean().item()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         del ref
 
 
-def run_one(run: dict, args, resume: str | None) -> dict:
+def run_one(run: dict, args, resume: str | None, guard) -> dict:
     from megamor.config import load_config
     from megamor.flops import peak_flops_per_device
     from megamor.trainer import Trainer
@@ -197,47 +155,48 @@ def run_one(run: dict, args, resume: str | None) -> dict:
         over.append(f"checkpoint.resume={resume}")
     over += args.overrides  # the caller's word is last
     cfg = load_config(None, over)
-    trainer = Trainer(cfg)
+    seen, calls_before, inner_before = len(guard.violations), Counter(guard.calls), \
+        Counter(guard.inner)
+    trainer = Trainer(cfg)  # the guard watches start-up and a resume's load too
     device = trainer.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     backend = str(dist.get_backend())
-    RULE.device, seen = device, len(RULE.violations)
     start_step = trainer.step
     tokens, labels = fixed_batch(trainer, device)
-    before = batch_loss(trainer.model, trainer.stage, tokens, labels)
+    before = trainer.batch_loss(tokens, labels)
     times, metrics = [], []
-    try:
-        for _ in range(args.steps):
-            sync(device)
-            t0 = time.perf_counter()
-            metrics.append(trainer.train_step())
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        peak_gib = (torch.cuda.max_memory_allocated(device) / 2**30
-                    if device.type == "cuda" else None)  # training only, before the checks
-        saved = None
-        if resume is None and run.get("save"):
-            saved = str(trainer.checkpointer.save(trainer))
-            trainer.checkpointer.wait()
-        low = batch_loss(trainer.model, trainer.stage, tokens, labels)
-        full = fp32_loss(trainer, cfg, device, tokens, labels)
-    finally:
-        RULE.device = None
+    for _ in range(args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        metrics.append(trainer.train_step())
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    peak_gib = (torch.cuda.max_memory_allocated(device) / 2**30
+                if device.type == "cuda" else None)  # training only, before the checks
+    saved = None
+    if resume is None and run.get("save"):
+        saved = str(trainer.checkpointer.save(trainer))
+        trainer.checkpointer.wait()
+    low = trainer.batch_loss(tokens, labels)
+    full = fp32_loss(trainer, cfg, device, tokens, labels)
     seconds = statistics.median(times[args.warmup:])
     flops = statistics.median(m["flops"] for m in metrics[args.warmup:])
     step_tokens = cfg.train.global_batch_size * cfg.model.seq_length
     peak = peak_flops_per_device(run["precision"], cfg.tracking.peak_flops)
     losses = [m["loss"] for m in metrics]
+    calls = Counter(guard.calls) - calls_before
     out = {
-        "name": run["name"], "backend": backend, "resumed_at": start_step if resume else None,
-        "saved": saved, "losses": losses, "batch_loss_before": before, "batch_loss": low,
-        "batch_loss_fp32": full,
+        "name": run["name"], "backend": backend, "precision": trainer.precision,
+        "resumed_at": start_step if resume else None, "saved": saved, "losses": losses,
+        "batch_loss_before": before, "batch_loss": low, "batch_loss_fp32": full,
         "rel_diff": abs(low - full) / abs(full), "seconds_per_step": seconds,
         "tokens_per_s": step_tokens / seconds, "model_tflops_per_gpu": flops / seconds / 1e12,
         "mfu": flops / seconds / peak if peak else None,
         "peak_memory_gib": peak_gib,
-        "violations": RULE.violations[seen:],
+        "violations": guard.violations[seen:],
+        "object_collectives": sorted(k for k in calls if k.split(" @")[0] in OBJECT_CALLS),
+        "inner_calls": dict(Counter(guard.inner) - inner_before),
     }
     problems = []
     if not all(math.isfinite(l) for l in losses):
@@ -249,7 +208,7 @@ def run_one(run: dict, args, resume: str | None) -> dict:
         problems.append(f"loss {low:.5f} vs fp32 reference {full:.5f}: relative difference "
                         f"{out['rel_diff']:.2e} > {args.tolerance:.0e}")
     if out["violations"]:
-        problems.append(f"{len(out['violations'])} collective(s) got a tensor off the GPU: "
+        problems.append(f"{len(out['violations'])} collective(s) got a tensor NCCL rejects: "
                         + "; ".join(out["violations"][:3]))
     if device.type == "cuda" and "nccl" not in backend:
         problems.append(f"process group backend {backend!r} has no NCCL")
@@ -269,14 +228,58 @@ def fmt(v, spec):
     return format("-", ">" + spec.split(".")[0]) if v is None else format(v, spec)
 
 
+def elapsed() -> float:
+    return time.perf_counter() - STARTED
+
+
+def cpu_rehearsal_group() -> None:
+    """--cpu-smoke: bf16 on the CPU, and a default group with a CPU and a "device" backend, as
+    megamor's GPU runs have (`cpu:gloo,cuda:nccl`); torch then picks the CPU side for object
+    collectives exactly as on a GPU. megamor keeps a group that exists."""
+    from megamor.parallel import _free_port
+    from megamor.precision import CPU_BF16_ENV
+
+    os.environ[CPU_BF16_ENV] = "1"
+    dist.init_process_group(backend="cpu:gloo,cuda:gloo", init_method=f"tcp://127.0.0.1:"
+                            f"{_free_port()}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(minutes=5))
+
+
+def verdict(results: list[dict], planned: int, device_name: str, args, probe: dict) -> str:
+    failed = [r for r in results if r["problems"]]
+    passed = len(results) - len(failed)
+    where = f"{passed} of {planned} runs passed on {device_name} in {elapsed():.0f} s"
+    if probe != {"host_flagged": 1, "device_passed": True}:
+        return f"gpu_check: FAIL: the collective guard is not looking ({probe}); {where}"
+    if not failed and passed == planned:
+        resumed = next((r["resumed_at"] for r in results if r.get("resumed_at")), None)
+        return (f"gpu_check: PASS: {where} (bf16 within {args.tolerance:.0e} of fp32, "
+                f"collectives NCCL-legal, resumed at step {resumed})")
+    first = failed[0] if failed else None
+    why = f"{first['name']}: {first['problems'][0]}" if first else "runs missing"
+    return f"gpu_check: FAIL: {where}; {why}"
+
+
+
 def main() -> int:
     args = parse_args()
-    RULE.install()
-    from megamor import parallel
+    from megamor.testing import collective_guard
 
     if not args.cpu_smoke and not torch.cuda.is_available():
-        print("gpu_check: no CUDA GPU visible (use --cpu-smoke on a CPU machine)", flush=True)
+        print("gpu_check: FAIL: no CUDA GPU visible (use --cpu-smoke on a CPU machine)",
+              flush=True)
         return 2
+    if args.cpu_smoke:
+        from megamor.shims import install_cpu_shims
+        install_cpu_shims()  # before the guard, whose provenance mode must see .cuda() first
+    guard = collective_guard.install()  # before megatron is imported
+    from megamor import parallel
+
+    if args.cpu_smoke:
+        cpu_rehearsal_group()
+    device = torch.device("cpu") if args.cpu_smoke else torch.device("cuda", 0)
+    parallel.init_process_group(device)
+    probe = guard.probe(None, device)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results, saved = [], None
     plan = runs(args)
@@ -285,10 +288,20 @@ def main() -> int:
         # resumes from it; larger presets skip this (a 1p7b checkpoint is ~27 GB).
         run["save"] = i == 0
         resume = saved if i == 1 and run["preset"] == plan[0]["preset"] else None
+        # A run of this preset takes about as long as the last one did.
+        expect = max((r["wall_s"] for r, p in zip(results, plan) if p["preset"] == run["preset"]),
+                     default=0.0)
+        if elapsed() + expect > args.deadline_s:
+            r = {"name": run["name"], "wall_s": 0.0,
+                 "problems": [f"not run: {elapsed():.0f} s spent, {expect:.0f} s more would "
+                              f"pass --deadline-s {args.deadline_s:.0f}"]}
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            continue
         print(f"=== {run['name']}" + (f" (resuming {resume})" if resume else ""), flush=True)
         t0 = time.perf_counter()
         try:
-            r = run_one(run, args, resume)
+            r = run_one(run, args, resume, guard)
         except Exception as e:  # noqa: BLE001 - report every run, then fail
             traceback.print_exc()
             r = {"name": run["name"], "problems": [f"{type(e).__name__}: {e}"]}
@@ -297,17 +310,16 @@ def main() -> int:
         results.append(r)
         print(json.dumps(r), flush=True)
     parallel.shutdown()
-    (Path(args.out) / "gpu_check.json").write_text(json.dumps(results, indent=1))
-    device = "cpu" if args.cpu_smoke else torch.cuda.get_device_name()
-    print(f"\nGPU check on {device}, torch {torch.__version__}, seq {args.seq}, micro-batch "
+    (Path(args.out) / "gpu_check.json").write_text(json.dumps(
+        {"probe": probe, "runs": results, "guard": guard.report()}, indent=1))
+    device_name = "cpu" if args.cpu_smoke else torch.cuda.get_device_name()
+    print(f"\nGPU check on {device_name}, torch {torch.__version__}, seq {args.seq}, micro-batch "
           f"{args.micro_batch}, global batch {args.global_batch}, {args.steps} steps "
           f"({args.warmup} untimed)")
     print(f"{'run':<18} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} {'loss':>8} "
           f"{'vs fp32':>9} {'wall s':>7}  status")
-    failed = 0
     for r in results:
         ok = not r["problems"]
-        failed += not ok
         print(f"{r['name']:<18} {fmt(r.get('tokens_per_s'), '9.0f')} "
               f"{fmt(r.get('model_tflops_per_gpu'), '8.1f')} "
               f"{fmt(r.get('mfu') and 100 * r['mfu'], '5.1f')}% "
@@ -315,8 +327,9 @@ def main() -> int:
               f"{fmt(r.get('losses') and r['losses'][-1], '8.4f')} "
               f"{fmt(r.get('rel_diff'), '9.1e')} {r['wall_s']:7.0f}  "
               f"{'ok' if ok else 'FAILED: ' + ' | '.join(r['problems'])}")
-    print(f"gpu_check: {len(results) - failed} of {len(results)} runs passed", flush=True)
-    return 1 if failed else 0
+    line = verdict(results, len(plan), device_name, args, probe)
+    print(line, flush=True)
+    return 0 if line.startswith("gpu_check: PASS") else 1
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@
 #   bash benchmarks/gpu_check.sh [driver args]    # on the GPU machine: install them, run the check
 #   bash benchmarks/gpu_check.sh --cpu-smoke      # anywhere: the same driver on CPU, tiny shape
 #
+# The verdict is the last line, `gpu_check: PASS ...` or `gpu_check: FAIL ...`, within 8 minutes:
+# the driver starts no run past its --deadline-s (420 s) and is stopped at MEGAMOR_GPU_CHECK_LIMIT
+# seconds (470) if a run hangs.
+#
 # The GPU machine has Python 3.12 and a CUDA build of torch (with numpy, pyyaml, psutil,
 # tokenizers, tqdm) but no megatron-core, no Transformer Engine and no internet. The packages it
 # lacks travel as wheels in benchmarks/wheels/ (git-ignored, about 3 MB) and are installed with
@@ -42,12 +46,23 @@ case "${1:-}" in
         ;;
 esac
 
+LIMIT="${MEGAMOR_GPU_CHECK_LIMIT:-470}"
+verdict_within_limit() {  # the driver, stopped at $LIMIT s with a verdict line of its own
+    local rc=0
+    timeout --kill-after=10 "$LIMIT" "$PYTHON" "$HERE/gpu_check.py" "$@" || rc=$?
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+        echo "gpu_check: FAIL: no verdict within $LIMIT s (stopped; see the runs above)"
+        return 1
+    fi
+    return "$rc"
+}
+
 cd "$ROOT"
 if ! "$PYTHON" -c "import megatron.core, webdataset, braceexpand" 2>/dev/null; then
     shopt -s nullglob
     wheels=("$WHEELS"/*.whl)
     if [ ${#wheels[@]} -eq 0 ]; then
-        echo "gpu_check: megatron-core / webdataset are not installed and $WHEELS has no wheels;" \
+        echo "gpu_check: FAIL: megatron-core / webdataset are not installed and $WHEELS has no wheels;" \
              "run 'bash benchmarks/gpu_check.sh --fetch-wheels' on a machine with internet" >&2
         exit 2
     fi
@@ -61,4 +76,4 @@ export PYTHONUNBUFFERED=1
 "$PYTHON" -c "import torch, megatron.core; print('torch', torch.__version__, 'cuda', \
 torch.version.cuda, '| megatron-core', megatron.core.__version__, '|', \
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
-exec "$PYTHON" "$HERE/gpu_check.py" "$@"
+verdict_within_limit "$@"

@@ -85,16 +85,66 @@ def test_fusions_follow_device_and_installed_kernels():
 
 
 def test_gpu_check_driver_runs_on_cpu(tmp_path, builtin_root):
-    """`benchmarks/gpu_check.sh --cpu-smoke`: the GPU check's driver end to end on CPU/gloo
-    (train, save, resume in the next run, fp32 reference, figures); on CPU the reference
-    computes exactly what the run computes."""
+    """`benchmarks/gpu_check.sh --cpu-smoke`: the GPU check's driver end to end on CPU/gloo, in
+    bf16 (Float16Module, distributed optimizer) over a multi-backend default group
+    (`cpu:gloo,cuda:gloo`, the shape of a GPU run's): train, save, resume in the next run, fp32
+    reference, figures, a one-line verdict. Its collective guard is the suite's: it is looking
+    (a host tensor is flagged on the live group) and passes the checkpoint save and load paths'
+    object collectives, whose inner tensor collectives run on the group's CPU side."""
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--out", str(tmp_path),
          "--data-root", str(builtin_root)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "gpu_check: 2 of 2 runs passed" in proc.stdout
-    first, second = json.loads((tmp_path / "gpu_check.json").read_text())
+    verdict = proc.stdout.strip().splitlines()[-1]
+    assert verdict.startswith("gpu_check: PASS: 2 of 2 runs passed on cpu"), verdict
+    out = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert out["probe"] == {"host_flagged": 1, "device_passed": True}
+    first, second = out["runs"]
     assert first["saved"] and second["resumed_at"] == 3
     for r in (first, second):
-        assert r["rel_diff"] == 0.0 and r["tokens_per_s"] > 0 and r["violations"] == []
+        assert r["backend"] == "cpu:gloo,cuda:gloo" and r["precision"] == "bf16"
+        assert 0.0 < r["rel_diff"] <= 2e-2 and r["tokens_per_s"] > 0 and r["violations"] == []
+    for r, path in ((first, "save"), (second, "load")):
+        assert f"all_gather_object @ megamor/checkpoint.py:{path}" in r["object_collectives"], r
+        assert r["inner_calls"][f"all_gather in all_gather_object @ megamor/checkpoint.py:{path}"]
+
+
+def test_one_guard_judges_real_devices_as_on_a_gpu(monkeypatch):
+    """The guard's GPU rule (what the GPU check applies there), on CPU tensors, which a GPU
+    machine's NCCL would reject: a tensor collective with one is a violation; object
+    collectives on a multi-backend group are not, although torch runs tensor collectives on CPU
+    tensors inside them (the GPU check's former rule flagged those: megatron's checkpoint save
+    failed the check on its first run); groups made with an explicit gloo backend are exempt."""
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+    from megamor.parallel import _free_port
+    from megamor.testing.collective_guard import OBJECT_CALLS, TENSOR_CALLS, Guard
+
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("cpu:gloo,cuda:gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                rank=0, world_size=1)
+    try:
+        group = dist.new_group([0], backend="cpu:gloo,cuda:gloo")
+        guard = Guard("cuda")
+        for name in TENSOR_CALLS + OBJECT_CALLS:
+            if hasattr(c10d, name):
+                w = guard.wrap(name, getattr(c10d, name))
+                monkeypatch.setattr(c10d, name, w)
+                monkeypatch.setattr(dist, name, w)
+        gloo = guard.wrap_new_group(c10d.new_group)([0], backend="gloo")
+        objs = [None]
+        dist.all_gather_object(objs, {"step": 3}, group=group)
+        dist.broadcast_object_list(objs, src=0, group=group)
+        dist.barrier(group=group)
+        assert objs == [{"step": 3}] and guard.violations == []
+        assert guard.inner["all_gather in all_gather_object @ outside megamor"] == 2
+        assert guard.inner["broadcast in broadcast_object_list @ outside megamor"] == 2
+        dist.all_reduce(torch.zeros(1), group=gloo)  # megatron's *_GLOO groups: exempt
+        assert guard.violations == []
+        dist.all_reduce(torch.zeros(2), group=group)
+        assert len(guard.violations) == 1 and "a cpu tensor (2,)" in guard.violations[0]
+    finally:
+        if own:
+            dist.destroy_process_group()

@@ -1,6 +1,6 @@
 """Multi-rank scenario: the trainer's step, checkpoint (save + resume), depth-map and signal paths
-under `collective_guard`, which records every torch.distributed call and flags each tensor an
-NCCL group could not take (see collective_guard.py for the rule).
+under megamor's collective guard, which records every torch.distributed call and flags each
+tensor an NCCL group could not take (see megamor/testing/collective_guard.py for the rule).
 
     nccl_path.py --out FILE [--resume-with OVERRIDE ...] [overrides ...]   (under torchrun)
 
@@ -14,37 +14,22 @@ import argparse
 import json
 import os
 import signal
-import sys
 import warnings
 from pathlib import Path
 
 warnings.filterwarnings("ignore")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import collective_guard  # noqa: E402  (before megatron: it captures collectives at import)
+from megamor.testing import collective_guard  # noqa: E402  (before megatron: it captures collectives)
 from megamor.shims import install_cpu_shims  # noqa: E402
 
 install_cpu_shims()
 GUARD = collective_guard.install()
 
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megamor import parallel  # noqa: E402
 from megamor.config import load_config  # noqa: E402
 from megamor.trainer import Preempted, Trainer  # noqa: E402
-
-
-def probe(dims) -> dict:
-    """The guard, on the live groups: a host tensor is flagged, a device tensor is not."""
-    before = len(GUARD.violations)
-    dist.all_reduce(torch.zeros(1), group=dims.pp_group)
-    flagged = len(GUARD.violations) - before
-    dist.all_reduce(torch.zeros(1, device=dims.device), group=dims.pp_group)
-    passed = len(GUARD.violations) - before == flagged
-    del GUARD.violations[before:]
-    GUARD.calls.clear()
-    return {"host_flagged": flagged, "device_passed": passed}
 
 
 def signal_after(trainer, step: int) -> None:
@@ -71,7 +56,7 @@ def main():
     out: dict = {}
 
     first = Trainer(load_config(None, common))
-    out["probe"] = probe(first.dims)
+    out["probe"] = GUARD.probe(first.dims.pp_group, first.dims.device)
     if first.dims.rank == 0:
         signal_after(first, 3)
     try:
