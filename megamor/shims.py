@@ -28,6 +28,16 @@ AdamW (always on CPU; on GPU only without Transformer Engine / apex fused Adam):
    per parameter, corrupting bias correction after resume; give each its own copy.
 Only a resume-equality test catches 6 (tests/test_checkpoint.py).
 
+`install_optimizer_fixes()` installs those and, for every distributed optimizer (torch, TE or
+apex Adam alike):
+7. A parameter group holding both fp32 and bf16 parameters (megamor's fp32 routers in a bf16
+   model): megatron numbers the group's parameters in gradient-buffer order (bf16 buffer first)
+   but gives the optimizer [fp32 shards, fp32 copies of the bf16 shards], so checkpointing reads
+   and writes the optimizer state of the wrong parameter: saving fails on a size mismatch, or,
+   where sizes agree, swaps states silently. The numbering is rebuilt in the optimizer's order
+   (megatron-core 0.16.1 and 0.19.2 alike; `tests/test_bf16_program.py` resumes bitwise through
+   it).
+
 The CUDA shims (1-3) do not run when CUDA is available. `tests/test_shims.py` shows that the megatron calls
 behind 1-3 fail without these shims and work with them.
 """
@@ -195,3 +205,38 @@ def install_torch_adam_fixes() -> None:
     cls.load_state_dict = fixed_load_state_dict
     cls._set_main_param_and_optimizer_states = fixed_set_states
     _ADAM_FIXED = True
+
+
+# ----------------------------------------------------------------------------- every distributed optimizer
+
+
+def _number_params_in_optimizer_order(optimizer) -> None:
+    """Fix 7: (group index, order) of each model parameter as the optimizer holds them."""
+    for gi, (fp32, half) in enumerate(zip(optimizer.model_fp32_groups,
+                                          optimizer.model_float16_groups)):
+        for order, p in enumerate([*fp32, *half]):
+            optimizer.model_param_group_index_map[p] = (gi, order)
+
+
+_GROUPS_FIXED = False
+
+
+def install_optimizer_fixes() -> None:
+    """Fix 7 for every distributed optimizer, and fixes 4-6 where megatron uses torch's Adam;
+    once per process."""
+    global _GROUPS_FIXED
+    install_torch_adam_fixes()
+    if _GROUPS_FIXED:
+        return
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    cls = dopt.DistributedOptimizer
+    init = cls.__init__
+
+    def numbered_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if getattr(self, "model_float16_groups", None) is not None:
+            _number_params_in_optimizer_order(self)
+
+    cls.__init__ = numbered_init
+    _GROUPS_FIXED = True

@@ -34,7 +34,7 @@ from megamor.checkpoint import (EXIT_PREEMPTED, OPTIMIZER_FORMAT, Checkpointer, 
                                 resolve_resume)
 from megamor.lifecycle import PREEMPTED_MARKER, STOP_SIGNALS, exit_with_launcher
 from megamor.schedule import build_scheduler, plan_resume, saved_schedule
-from megamor.shims import install_cpu_shims, install_torch_adam_fixes, seed_model_parallel_rng
+from megamor.shims import install_cpu_shims, install_optimizer_fixes, seed_model_parallel_rng
 from megamor.device import resolve_device
 from megamor.precision import resolve_precision, wrap_for_precision
 
@@ -196,7 +196,7 @@ class Trainer:
             adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
             clip_grad=t.clip_grad, bf16=self.dtype == torch.bfloat16,
             params_dtype=self.dtype, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
-        install_torch_adam_fixes()
+        install_optimizer_fixes()
         self.optimizer = get_megatron_optimizer(ocfg, [self.model])
         self.scheduler = build_scheduler(self.optimizer, t)
         self.schedule_note: Optional[str] = None  # set when a resume extends or re-plans it
