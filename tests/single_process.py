@@ -26,11 +26,12 @@ def world_of_one():
     parallel.shutdown()
 
 
-def make_model(*overrides, fp8=False):
+def make_model(*overrides, fp8=False, dtype=torch.float32):
     """The tiny preset at sequence SEQ, one stage, seed 7 (`fp8`: the TransformerConfig of an
-    FP8 run, which on CPU changes what runs around the layers, not their arithmetic)."""
+    FP8 run, which on CPU changes what runs around the layers, not their arithmetic; `dtype`:
+    the parameters' dtype, bf16 for a stage that megamor.precision.wrap_for_precision wraps)."""
     cfg = load_config(None, ["model.preset=tiny", f"model.seq_length={SEQ}", *overrides]).validate(1)
-    tcfg = transformer_config(cfg, torch.float32, fp8=fp8)
+    tcfg = transformer_config(cfg, dtype, fp8=fp8)
     return build_stage(cfg, tcfg, padded_vocab_size(VOCAB, 64, 1), 0, seed=7)
 
 

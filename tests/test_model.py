@@ -259,3 +259,45 @@ def test_position_counts_add_up_each_steps_selection(router):
     got = torch.stack([model.position_counts[r] for r in (1, 2, 3)])
     assert torch.equal(got, expected)
     assert (got.sum(1) > 0).all() and (got <= 2 * BATCH).all()
+
+
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_bf16_stage_keeps_router_parameters_buffers_and_scores_fp32(router):
+    """megatron's Float16Module casts every floating tensor of the stage to bf16; megamor's
+    wrapper gives the routers back their fp32 tensors (the same parameters, untouched values).
+    bf16 would lose the loss-free bias's updates once |bias| >= 0.5 (spacing 2^-8 > rate 1e-3)
+    and count token loads exactly only up to 256."""
+    from megatron.core.transformer.module import Float16Module
+
+    from megamor.precision import wrap_for_precision
+
+    model = make_model("model.arch=mor", f"routing.type={router}", "routing.balancing=loss_free",
+                       "routing.causal=aux_router", dtype=torch.bfloat16)
+    fp32_before = {n: p.detach().clone() for n, p in model.routers.named_parameters()}
+    wrapped = wrap_for_precision(model.config, model)
+    assert isinstance(wrapped, Float16Module)
+    assert model.layers["1"].mlp.linear_fc1.weight.dtype == torch.bfloat16
+    for n, p in model.routers.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, fp32_before[n]), n
+    assert all(b.dtype == torch.float32 for b in model.routers.buffers())
+    x = torch.randn(SEQ, BATCH, model.config.hidden_size).bfloat16()
+    r = model.routers["1"]
+    if router == "token_choice":
+        _, gate, probs, logits, counts = r.route(x, True)
+        assert {gate.dtype, probs.dtype, logits.dtype, counts.dtype} == {torch.float32}
+        r.bias.fill_(0.5)
+        r.load.copy_(torch.tensor([257.0, 0.0, 0.0]))
+        r.load += torch.tensor([1.0, 2.0, 3.0])
+        assert r.load.tolist() == [258.0, 2.0, 3.0]
+        r.update_bias(1e-3)
+        assert r.bias.tolist() == pytest.approx([0.499, 0.501, 0.501], abs=1e-7)
+    else:
+        _, gate, aux, stats = r.route(x, torch.ones(SEQ, BATCH, dtype=torch.bool), 2 / 3, False)
+        assert gate.dtype == aux.dtype == torch.float32
+        assert {v.dtype for v in stats.values()} == {torch.float32}
+    # The wrapped stage computes: bf16 activations, fp32 routing, fp32 loss out of the wrapper.
+    wrapped.train()
+    loss = wrapped(input_ids=tokens(), labels=tokens(1))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    loss.mean().backward()
+    assert r.weight.grad is not None and r.weight.grad.dtype == torch.float32
