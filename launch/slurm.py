@@ -210,6 +210,48 @@ def check_config(pretrain_argv: list[str], world_size: int):
     return cfg
 
 
+def data_named(pretrain_argv: list[str]) -> bool:
+    """Whether the pretrain arguments name the training data: a `data.path=` override, or a
+    `data: {path: ...}` entry in the --config file."""
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--config")
+    known, rest = ap.parse_known_args(pretrain_argv[1:])
+    if any(a.startswith("data.path=") for a in rest):
+        return True
+    if known.config and os.path.isfile(known.config):
+        import yaml
+        try:
+            data = (yaml.safe_load(open(known.config)) or {}).get("data") or {}
+        except (yaml.YAMLError, AttributeError):
+            return False  # check_config reports the file
+        return isinstance(data, dict) and "path" in data
+    return False
+
+
+def check_data_named(pretrain_argv: list[str]) -> None:
+    """The GPU scripts refuse to train on the built-in demo corpus unless asked to by name."""
+    if not data_named(pretrain_argv):
+        raise LaunchError(
+            "no training data named: this GPU job would train on the built-in demo corpus "
+            "(CPython's documentation, 150k tokens); name yours on the sbatch line "
+            "(data.path=/path/to/prepared) or as data.path in MEGAMOR_CONFIG, or pass "
+            "data.path=builtin for a smoke run")
+
+
+def check_network(cfg, hosts: list[str], env: Mapping[str, str]) -> None:
+    """Print the addresses gloo and NCCL will use on this node; refuse a multi-node job whose
+    gloo side would bind to loopback."""
+    from launch import network
+    try:
+        print(f"megamor launch: network on {socket.gethostname()}: "
+              f"{network.describe(env, cfg.train.device != 'cpu')}", flush=True)
+        why = network.problem(env, len(hosts))
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
+    if why:
+        raise LaunchError(why)
+
+
 def check_inputs(cfg, world_size: int) -> None:
     """`megamor pretrain`'s own checks before any rank starts (megamor/preflight.py): output
     directories, data and tokenizer, the checkpoint to resume and its schedule."""
@@ -247,6 +289,9 @@ def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.Argume
                         "--world-size; start nothing")
     p.add_argument("--world-size", type=int, default=None,
                    help="with --check: the ranks the job will have (default: from Slurm)")
+    p.add_argument("--require-data", action="store_true",
+                   help="with --check: refuse unless the arguments name data.path (the Slurm "
+                        "scripts on GPU allocations)")
     p.add_argument("rest", nargs=argparse.REMAINDER,
                    help="-- pretrain [--config F] [--resume auto] [overrides]")
     return p
@@ -260,19 +305,36 @@ def run(args) -> int:
             world = args.world_size or allocation_world_size(env)
             if world is None:
                 raise LaunchError("--check needs --world-size N outside a Slurm allocation")
-            if "MASTER_ADDR" not in env and (env.get("SLURM_JOB_NODELIST")):
+            hosts = [socket.gethostname()]
+            if env.get("SLURM_JOB_NODELIST"):
                 hosts = hostnames(env["SLURM_JOB_NODELIST"])
+            if "MASTER_ADDR" not in env and (env.get("SLURM_JOB_NODELIST")):
                 addr = resolve(hosts[0])
                 print(f"megamor launch: {len(hosts)} node(s), rendezvous {hosts[0]} ({addr}):"
                       f"{default_port(env)}, world size {world}", flush=True)
-            check_inputs(check_config(pretrain, world), world)
+            if args.require_data:
+                check_data_named(pretrain)
+            cfg = check_config(pretrain, world)
+            check_network(cfg, hosts, env)
+            check_inputs(cfg, world)
             print("megamor launch: preflight ok", flush=True)
             return 0
         in_slurm_step = "SLURM_PROCID" in env and "SLURM_STEP_ID" in env
         if ("RANK" in env and "WORLD_SIZE" in env) or in_slurm_step:
             ranks = rank_env(env)
-            check_config(pretrain, int(ranks["WORLD_SIZE"]))
+            cfg = check_config(pretrain, int(ranks["WORLD_SIZE"]))
             os.environ.update(ranks)
+            from launch import network
+            try:
+                where = network.describe(os.environ, cfg.train.device != "cpu")
+            except ValueError as e:
+                raise LaunchError(str(e)) from None
+            gloo_ifname = network.gloo_default(os.environ)
+            if gloo_ifname:  # gloo on the network NCCL_SOCKET_IFNAME names
+                os.environ["GLOO_SOCKET_IFNAME"] = gloo_ifname
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"megamor launch: node {os.environ.get('NODE_RANK', '0')} "
+                      f"({socket.gethostname()}): {where}", flush=True)
             if "SLURM_CPUS_PER_TASK" in env:
                 os.environ.setdefault("OMP_NUM_THREADS", env["SLURM_CPUS_PER_TASK"])
             if ranks["RANK"] == "0":

@@ -86,7 +86,9 @@ megamor_batch() {
     export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
     export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-1}
     # NCCL_SOCKET_IFNAME / NCCL_IB_HCA: set them in the environment when the default
-    # interface choice is wrong on your fabric; they pass through srun unchanged.
+    # interface choice is wrong on your fabric; they pass through srun unchanged. gloo's side
+    # (object collectives, megatron's gloo groups) uses GLOO_SOCKET_IFNAME, which megamor's
+    # launcher sets from NCCL_SOCKET_IFNAME when unset (launch/network.py).
   fi
 
   local args=(pretrain --resume auto "model.preset=$MEGAMOR_PRESET"
@@ -110,7 +112,11 @@ megamor_batch() {
   fi
 
   # --- preflight: one clear error before any rank starts -----------------------------------
-  MEGAMOR_WORLD_SIZE=$ntasks "$py" -m launch.slurm --check --world-size "$ntasks" -- "${args[@]}" \
+  # On GPUs the data must be named (data.path=builtin for a smoke run on the demo corpus); the
+  # preflight also prints the addresses gloo and NCCL use on this node.
+  local check=(--check --world-size "$ntasks")
+  [ "$device" = cuda ] && check+=(--require-data)
+  MEGAMOR_WORLD_SIZE=$ntasks "$py" -m launch.slurm "${check[@]}" -- "${args[@]}" \
     || { megamor_log "preflight failed; not starting srun"; exit 2; }
 
   # Tasks exit together (training and a signal checkpoint end in collectives); a task that

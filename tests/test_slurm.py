@@ -99,6 +99,70 @@ def test_bad_input_fails_before_ranks(tmp_path):
     assert len([l for l in p.stderr.splitlines() if l.startswith("megamor launch:")]) == 1
 
 
+def test_gpu_scripts_refuse_to_train_on_the_demo_corpus_unless_named(tmp_path):
+    """`sbatch slurm/pretrain_1p7b.sh` without data: exit 2 before srun, saying how to name the
+    data; data.path on the command line or in the config file (data.path=builtin included)
+    is accepted. CPU allocations keep the built-in default (CI's jobs)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+    env.update(MEGAMOR_HOME=str(REPO), MEGAMOR_PYTHON=sys.executable, MEGAMOR_DRY_RUN="1",
+               MEGAMOR_GPUS_PER_NODE="8", SLURM_JOB_NUM_NODES="8", SLURM_NTASKS="64",
+               MEGAMOR_OUTPUT_DIR=str(tmp_path / "run"))
+    p = subprocess.run(["bash", str(REPO / "slurm" / "pretrain_1p7b.sh")], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "srun --ntasks" not in p.stdout, p.stdout + p.stderr
+    assert "megamor launch: no training data named: this GPU job would train on the built-in " \
+        "demo corpus" in p.stderr and "data.path=builtin for a smoke run" in p.stderr, p.stderr
+    assert "preflight failed; not starting srun" in p.stdout
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("data:\n  path: /data/prepared\n")
+    assert L.data_named(["pretrain", "data.path=builtin"])
+    assert L.data_named(["pretrain", "--config", str(cfg), "train.lr=1e-3"])
+    cfg.write_text("train:\n  lr: 0.001\n")
+    assert not L.data_named(["pretrain", "--config", str(cfg), "--resume", "auto"])
+
+
+def test_preflight_prints_the_address_of_each_side(tmp_path):
+    """gloo's and NCCL's addresses on this node, GLOO_SOCKET_IFNAME taken from
+    NCCL_SOCKET_IFNAME when unset, a missing interface or a loopback address across nodes
+    refused before any rank starts."""
+    args = ["--check", "--world-size", "2", "--", "pretrain", *TINY, "train.device=cuda",
+            f"run.output_dir={tmp_path / 'run'}"]
+    one = {"SLURM_JOB_NODELIST": "localhost", "NCCL_SOCKET_IFNAME": "lo"}
+    p = _launch(args, env={**one, "GLOO_SOCKET_IFNAME": "lo"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "gloo lo 127.0.0.1 (GLOO_SOCKET_IFNAME); nccl lo 127.0.0.1 (NCCL_SOCKET_IFNAME=lo)" \
+        in p.stdout, p.stdout
+    p = _launch(args, env=one)
+    assert "gloo lo 127.0.0.1 (GLOO_SOCKET_IFNAME from NCCL_SOCKET_IFNAME)" in p.stdout, p.stdout
+    p = _launch(args, env={**one, "GLOO_SOCKET_IFNAME": "nosuch0"})
+    assert p.returncode == 2 and "GLOO_SOCKET_IFNAME=nosuch0: this node" in p.stderr, p.stderr
+    p = _launch(args, env={**one, "SLURM_JOB_NODELIST": "localhost,localhost"})
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "gloo would bind to a loopback address (lo 127.0.0.1; GLOO_SOCKET_IFNAME from " \
+        "NCCL_SOCKET_IFNAME), which the other 1 node(s) cannot reach" in p.stderr, p.stderr
+
+
+def test_network_choice_rules():
+    from launch import network as N
+
+    names = ["docker0", "eth0", "eth1", "ib0", "lo"]
+    assert N.nccl_selects("eth", names) == ["eth0", "eth1"]
+    assert N.nccl_selects("=eth0", names) == ["eth0"]
+    assert N.nccl_selects("^docker,lo", names) == ["eth0", "eth1", "ib0"]
+    addrs = {"lo": ["127.0.0.1"], "eth0": ["10.0.0.5"], "ib0": ["10.1.0.5"], "docker0": []}
+    assert N.gloo_default({"NCCL_SOCKET_IFNAME": "^docker,lo"}, addrs) == "eth0"
+    assert N.gloo_default({"NCCL_SOCKET_IFNAME": "ib"}, addrs) == "ib0"
+    assert N.gloo_default({"NCCL_SOCKET_IFNAME": "ib", "GLOO_SOCKET_IFNAME": "eth0"}, addrs) is None
+    # Debian's `127.0.1.1 <hostname>`: fine on one node, a hang across nodes.
+    loop = dict(addrs=addrs, resolve=lambda host: "127.0.1.1")
+    assert N.problem({}, 1, **loop) is None
+    assert "loopback address (127.0.1.1; hostname " in N.problem({}, 4, **loop)
+    assert N.problem({"GLOO_SOCKET_IFNAME": "eth0"}, 4, **loop) is None
+    assert N.describe({"NCCL_SOCKET_IFNAME": "ib"}, True, **loop) == \
+        "gloo ib0 10.1.0.5 (GLOO_SOCKET_IFNAME from NCCL_SOCKET_IFNAME); " \
+        "nccl ib0 10.1.0.5 (NCCL_SOCKET_IFNAME=ib)"
+
+
 def test_megamor_launch_subcommand():
     from megamor.cli import main
     assert main(["launch", "--check", "--world-size", "4", "--", "pretrain", *TINY,
@@ -236,8 +300,8 @@ def test_script_layout_fits_its_allocation(cluster, size, tmp_path):
     if size == "360m":
         env["MEGAMOR_OUTPUT_PER_JOB"] = "1"
         want = want.with_name(want.name + "-77")
-    p = subprocess.run(["bash", str(REPO / "slurm" / f"pretrain_{size}.sh")], env=env, cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(["bash", str(REPO / "slurm" / f"pretrain_{size}.sh"), "data.path=builtin"],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "preflight ok" in p.stdout, p.stdout + p.stderr
     assert f"srun --ntasks={nodes * 8} --ntasks-per-node=8" in p.stdout
     assert f"output {want}\n" in p.stdout and f"run.output_dir={want}" in p.stdout.split(), \
@@ -245,8 +309,8 @@ def test_script_layout_fits_its_allocation(cluster, size, tmp_path):
     assert not want.exists()  # a dry run writes nothing
     if size == "1p7b":  # the DeepSpeed engine from the same script: pp 1, bf16, ZeRO stage
         env.update(MEGAMOR_ENGINE="deepspeed", MEGAMOR_ZERO_STAGE="3")
-        p = subprocess.run(["bash", str(REPO / "slurm" / "pretrain_1p7b.sh")], env=env, cwd=REPO,
-                           capture_output=True, text=True, timeout=120)
+        p = subprocess.run(["bash", str(REPO / "slurm" / "pretrain_1p7b.sh"), "data.path=builtin"],
+                           env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0 and "preflight ok" in p.stdout, p.stdout + p.stderr
         srun = p.stdout.split("srun ", 1)[1].split()
         for arg in ("parallel.engine=deepspeed", "parallel.zero_stage=3", "train.precision=bf16",
