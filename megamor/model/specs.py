@@ -20,7 +20,8 @@ local (torch) and Transformer Engine backends build the same tree from different
 
 The final norm comes from the provider, never from a layer's `input_layernorm` slot (which is
 `IdentityOp` under TE). Checkpoint keys are the same for both (megatron's key map below).
-What runs around each layer (FP8 context, recompute) is in `MoRModel._run_layers`.
+What runs around each layer (FP8 context, recompute) is in `MoRModel._run` and
+`megamor/model/fp8.py`.
 """
 
 from __future__ import annotations
