@@ -17,6 +17,7 @@ Finished requests leave at once, freeing their slot and pages.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -124,7 +125,7 @@ class Engine:
             elif isinstance(r, dict):
                 r = request_from_dict(r, f"request {i}")
             elif not r.where:
-                r.where = f"request {i}"
+                r = dataclasses.replace(r, where=f"request {i}")
             r.check()
             if r.prompt_ids is not None:
                 ids, field_ = list(r.prompt_ids), "prompt_ids"

@@ -88,6 +88,9 @@ class ModelRunner:
         d = self.head_dim
         self.inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
         self.cache: PagedKVCache | None = None
+        # Tests: the smallest distance of a routing decision from its threshold (expert-choice:
+        # |logit| of the deciding router; token-choice: top-1 minus top-2 score).
+        self.record_margins, self.min_margin = False, float("inf")
         self.passes = {"decode": 0, "prefill": 0}  # token x unrolled-layer passes
         self.calls = {"prelude": 0, "block": 0, "coda": 0, "block_rows": 0}
 
@@ -132,6 +135,9 @@ class ModelRunner:
             probs = torch.softmax((x @ router.weight.t()).float(), dim=-1).to(x.dtype)
             score = probs + router.bias if self.cfg.balancing == "loss_free" else probs
             choice = score.argmax(-1)
+            if self.record_margins and score.shape[-1] > 1:
+                top = score.topk(2, dim=-1).values
+                self._margin((top[:, 0] - top[:, 1]).min())
             gate = self.cfg.router_alpha * probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
             sizes = [it.t for it in items]
             for it, g, c in zip(items, gate.split(sizes), choice.split(sizes)):
@@ -199,6 +205,9 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ routing
 
+    def _margin(self, value: torch.Tensor) -> None:
+        self.min_margin = min(self.min_margin, float(value))
+
     def _enter_step(self, items: list[Item], step: int, reached: list | None) -> None:
         """Decide which tokens of each item run recursion step `step` (all items here are about
         to enter it); items with none go to the coda."""
@@ -218,6 +227,10 @@ class ModelRunner:
                 sel = torch.sigmoid(decide) >= 0.5
                 if reach is not None:
                     sel = sel & reach
+                if self.record_margins:
+                    m = decide.abs() if reach is None else decide.abs()[reach]
+                    if m.numel():
+                        self._margin(m.min())
             for it, g in zip(items, gate.split(sizes)):
                 it.gate = g
             act = list(sel.split(sizes))
