@@ -59,18 +59,21 @@ class EngineStats:
     prompt_tokens: int = 0
     preemptions: int = 0
     in_flight: int = 0  # summed over steps
+    decode_tokens: int = 0  # tokens fed one at a time (a sampled token going back in)
+    requests: int = 0
     passes: dict = field(default_factory=dict)
     calls: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        dec = self.passes.get("decode", 0)
-        decoded = max(self.generated - self.requests, 0) if hasattr(self, "requests") else 0
+        dec, pre = self.passes.get("decode", 0), self.passes.get("prefill", 0)
         return {"steps": self.steps, "seconds": self.seconds, "generated": self.generated,
                 "tokens_per_s": self.generated / self.seconds if self.seconds else 0.0,
                 "prompt_tokens": self.prompt_tokens, "preemptions": self.preemptions,
                 "mean_in_flight": self.in_flight / max(self.steps, 1),
-                "layer_passes_per_decoded_token": dec / decoded if decoded else 0.0,
+                "decode_tokens": self.decode_tokens,
+                "layer_passes_per_decoded_token": dec / self.decode_tokens if self.decode_tokens else 0.0,
+                "prefill_layer_passes": pre,
                 "block_rows_per_call": self.calls.get("block_rows", 0) / max(self.calls.get("block", 0), 1),
                 **{f"kv_{k}": v for k, v in self.cache.items()}}
 
@@ -264,6 +267,7 @@ class Engine:
         for it in items:
             s = it.seq
             s.fed += it.t
+            self.stats.decode_tokens += it.t == 1
             s.pending = s.pending[it.t:]
             s.item = None
             if not it.final:
