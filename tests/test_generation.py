@@ -127,12 +127,19 @@ def test_tokens_equal_single_request_generation(references, kind):
             assert st["layer_passes_per_decoded_token"] < model.config.num_hidden_layers
 
 
-def test_kv_budget_preempts_and_recomputes_exactly(references):
+def test_kv_budget_preempts_and_recomputes_exactly(references, monkeypatch):
     model, reqs, ref = references("expert")
     page = 2 * 2 * 16 * 4 * 4  # K and V x 2 KV heads x head dim 16 x fp32 x 4 entries
     engine = Engine(model, max_batch=8, block_size=4, kv_cache_bytes=150 * page)
-    got = engine.generate(reqs)
-    assert engine.stats.preemptions > 0
+    got = engine.generate(reqs)  # admission by expected pages: sequences wait for room
+    assert [r.tokens for r in got] == ref
+    assert engine.stats.summary()["mean_in_flight"] < 8
+    # admitting regardless of what running sequences will need makes the cache overflow:
+    # the newest sequences are preempted and recomputed, with the same tokens
+    monkeypatch.setattr(Engine, "_expected_pages", lambda self, s: 0.0)
+    greedy = Engine(model, max_batch=8, block_size=4, kv_cache_bytes=150 * page)
+    got = greedy.generate(reqs)
+    assert greedy.stats.preemptions > 0
     assert [r.tokens for r in got] == ref
     too_small = Engine(model, max_batch=2, block_size=4, kv_cache_bytes=3 * page)
     with pytest.raises(RequestError, match="request 0: needs .* KV pages"):

@@ -168,6 +168,7 @@ class Engine:
         self.stats = stats = EngineStats()
         stats.requests = len(seqs)
         stats.prompt_tokens = sum(len(s.prompt_ids) for s in seqs)
+        self._fed = 0  # tokens fed, for the entries-per-token estimate of admission
         waiting: deque = deque(seqs)
         running: list[Sequence] = []
         free = list(range(cfg.max_batch - 1, -1, -1))
@@ -205,18 +206,29 @@ class Engine:
         cols = self.runner.step_cols(it.phase, it.depth, self.config.schedule == "synchronous")
         return self.cache.pages_needed(s.slot, cols, it.t) if cols else 0
 
+    def _expected_pages(self, s: Sequence) -> float:
+        """Pages the rest of `s` is expected to take: the tokens it has still to feed times the
+        cache entries per token measured so far (all cache layers until anything ran)."""
+        left = len(s.pending) + max(s.max_new - len(s.generated) - 1, 0)
+        per_token = (self.cache.appended / self._fed if self._fed
+                     else len(self.runner.cache_layers))
+        return left * per_token / self.config.block_size
+
     def _admit(self, waiting: deque, running: list, free: list) -> None:
+        """Waiting requests take free slots while the pages that the running sequences and the
+        newcomer are expected to need still fit the budget (a model whose tokens store fewer
+        entries, e.g. MoR with recursion-wise caching, fits more sequences)."""
         cols = len(self.runner.cache_layers)
+        committed = sum(self._expected_pages(r) for r in running)
         while waiting and free:
             s = waiting[0]
-            first = min(len(s.pending), self.config.prefill_chunk)
-            need = cols * -(-first // self.config.block_size)
-            reserve = 2 * len(running)  # room for the running sequences' next pages
-            if running and need + reserve > self.cache.pages_free():
+            need = self._expected_pages(s) + cols  # + a partly filled page per list
+            if running and committed + need > self.cache.pages_free():
                 return
             waiting.popleft()
             s.slot = free.pop()
             running.append(s)
+            committed += need
 
     def _fit(self, waiting: deque, running: list, free: list) -> None:
         """Preempt the newest sequences until the step's worst-case page demand fits."""
@@ -267,6 +279,7 @@ class Engine:
         for it in items:
             s = it.seq
             s.fed += it.t
+            self._fed += it.t
             self.stats.decode_tokens += it.t == 1
             s.pending = s.pending[it.t:]
             s.item = None

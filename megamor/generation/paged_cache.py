@@ -54,6 +54,7 @@ class PagedKVCache:
         self.peak_pages = 0
         self.entries = 0
         self.peak_entries = 0
+        self.appended = 0  # entries ever appended
 
     # ------------------------------------------------------------------ capacity
 
@@ -130,6 +131,7 @@ class PagedKVCache:
 
     def _count(self, entries: int) -> None:
         self.entries += entries
+        self.appended += entries
         self.peak_entries = max(self.peak_entries, self.entries)
 
     def release(self, slot: int) -> None:
