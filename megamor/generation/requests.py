@@ -7,7 +7,7 @@ per-request settings (`REQUEST_FIELDS`); anything else is an error naming the li
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 
@@ -130,4 +130,4 @@ def parse_jsonl(lines: Iterable[str], source: str) -> list[Request]:
 
 
 __all__ = ["REQUEST_FIELDS", "Request", "RequestError", "Result", "parse_jsonl",
-           "request_from_dict", "asdict"]
+           "request_from_dict"]
