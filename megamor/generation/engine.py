@@ -219,10 +219,11 @@ class Engine:
         newcomer are expected to need still fit the budget (a model whose tokens store fewer
         entries, e.g. MoR with recursion-wise caching, fits more sequences)."""
         cols = len(self.runner.cache_layers)
-        committed = sum(self._expected_pages(r) for r in running)
+        unbounded = self.cache.max_pages is None
+        committed = 0.0 if unbounded else sum(self._expected_pages(r) for r in running)
         while waiting and free:
             s = waiting[0]
-            need = self._expected_pages(s) + cols  # + a partly filled page per list
+            need = 0.0 if unbounded else self._expected_pages(s) + cols  # + a partial page per list
             if running and committed + need > self.cache.pages_free():
                 return
             waiting.popleft()
@@ -232,6 +233,8 @@ class Engine:
 
     def _fit(self, waiting: deque, running: list, free: list) -> None:
         """Preempt the newest sequences until the step's worst-case page demand fits."""
+        if self.cache.max_pages is None:
+            return  # the pool grows as needed
         while True:
             need = sum(self._worst_pages(s) for s in running)
             if need <= self.cache.pages_free():
