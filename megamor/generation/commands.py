@@ -30,8 +30,7 @@ def cmd_generate(args) -> int:
                              block_size=args.block_size, prefill_chunk=args.prefill_chunk,
                              schedule=args.schedule,
                              kv_cache_bytes=int(args.kv_cache_mb * 2**20) if args.kv_cache_mb else None)
-        seqs_ok = engine.prepare(requests)  # tokenized and checked against the context
-        del seqs_ok
+        engine.prepare(requests)  # every prompt tokenized and checked before any generation
         lines = _write(engine, requests, args.out)
     except (RequestError, LoadError, CheckpointError, ValueError) as e:
         sys.exit(f"megamor: generate: {e}")
