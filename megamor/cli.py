@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     add_eval_parsers(sub)
     from megamor.hf.commands import add_parsers as add_hf_parsers  # `convert to-hf|from-hf`
     add_hf_parsers(sub)
+    from megamor.generation.commands import add_parsers as add_generate_parsers  # `generate`
+    add_generate_parsers(sub)
     from launch.slurm import add_parsers as add_launch_parsers  # `launch` (Slurm / torchrun)
     add_launch_parsers(sub)
     from megamor.planner import add_parsers as add_plan_parsers  # `plan` (layout planner)

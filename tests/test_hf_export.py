@@ -219,3 +219,24 @@ def test_bfloat16_export_and_beam_search(trained, exported, tmp_path):
     beams = [m.generate(**enc, num_beams=3, num_return_sequences=3, max_new_tokens=8,
                         do_sample=False, use_cache=c) for c in (True, False)]
     assert torch.equal(beams[0], beams[1])
+
+
+@pytest.mark.parametrize("kind", ["mor_ec", "mor_tc_free_kvshare", "vanilla"])
+def test_generation_engine_on_a_checkpoint_equals_the_exports_generate(trained, exported, kind):
+    """The generation engine (megamor/generation) loaded from the megamor checkpoint: each
+    request's greedy tokens equal the export's single-request generate() (trained routing;
+    vanilla: transformers' own LlamaForCausalLM)."""
+    from megamor.generation import Engine, Request
+
+    engine = Engine.load(trained / kind / "checkpoints", max_batch=3, block_size=4, prefill_chunk=16)
+    remote = kind != "vanilla"
+    hf = AutoModelForCausalLM.from_pretrained(exported[kind], trust_remote_code=remote,
+                                              dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(exported[kind], trust_remote_code=remote)
+    prompts = [TEXT[:n] for n in (12, 90, 40, 160, 5)]
+    got = engine.generate([Request(prompt=p, max_new_tokens=10, stop_token_ids=[]) for p in prompts])
+    for p, res in zip(prompts, got):
+        ids = tok(p)["input_ids"]
+        assert res.prompt_ids == ids
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        assert res.tokens == ref[0, len(ids):].tolist(), (kind, p)
