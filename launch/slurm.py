@@ -271,8 +271,10 @@ def run(args) -> int:
         in_slurm_step = "SLURM_PROCID" in env and "SLURM_STEP_ID" in env
         if ("RANK" in env and "WORLD_SIZE" in env) or in_slurm_step:
             ranks = rank_env(env)
-            check_config(pretrain, int(ranks["WORLD_SIZE"]))
+            cfg = check_config(pretrain, int(ranks["WORLD_SIZE"]))
             os.environ.update(ranks)
+            from megamor.watchdog import start_node_watcher
+            start_node_watcher(cfg)  # the node's hang watchdog (first task of each node)
             if "SLURM_CPUS_PER_TASK" in env:
                 os.environ.setdefault("OMP_NUM_THREADS", env["SLURM_CPUS_PER_TASK"])
             if ranks["RANK"] == "0":
