@@ -34,6 +34,7 @@ import os
 import signal
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from collections import deque
@@ -107,19 +108,28 @@ class Progress:
         self._fd: Optional[int] = None
         self._stacks = None
         self._steps: deque = deque(maxlen=50)  # seconds between consecutive steps' data phases
+        self._median: Optional[float] = None
         self._last_data: Optional[tuple[int, float]] = None
         self._delays = [d for d in parse_test_delays(os.environ.get(TEST_DELAY_ENV, ""))
                         if d[1] == rank]
         self._static = {"rank": rank, "pid": os.getpid(), "start": _process_start(),
                         "host": socket.gethostname()[:64], "node": node}
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(record_path(self.directory, rank), os.O_RDWR | os.O_CREAT, 0o644)
-            # faulthandler writes from its C signal handler: every thread's Python stack, even
-            # while the main thread is blocked inside a collective.
-            self._stacks = open(stacks_path(self.directory, rank), "w")
-            faulthandler.register(STACK_SIGNAL, file=self._stacks, all_threads=True)
-            self._write()
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(record_path(self.directory, rank), os.O_RDWR | os.O_CREAT,
+                                   0o644)
+                # faulthandler writes from its C signal handler: every thread's Python stack,
+                # even while the main thread is blocked inside a collective.
+                self._stacks = open(stacks_path(self.directory, rank), "w")
+            except OSError as e:  # training goes on, unwatched
+                print(f"WARNING: rank {rank}: progress directory {self.directory} unusable "
+                      f"({e}); the hang watchdog cannot see this rank", file=sys.stderr,
+                      flush=True)
+                self.directory, self._fd = None, None
+            else:
+                faulthandler.register(STACK_SIGNAL, file=self._stacks, all_threads=True)
+                self._write()
 
     @classmethod
     def from_env(cls, rank: int, env=os.environ) -> "Progress":
@@ -132,6 +142,7 @@ class Progress:
         if phase == "data" and (self._last_data is None or self._last_data[0] != step):
             if self._last_data is not None and step == self._last_data[0] + 1:
                 self._steps.append(now - self._last_data[1])
+                self._median = statistics.median(self._steps)
             self._last_data = (step, now)
         self.phase, self.step = phase, step
         self.seq += 1
@@ -143,7 +154,8 @@ class Progress:
                 time.sleep(seconds)
 
     def median_step_s(self) -> Optional[float]:
-        return statistics.median(self._steps) if self._steps else None
+        """Median seconds per step over the last 50 steps (None before two steps)."""
+        return self._median
 
     def _write(self, now: Optional[float] = None) -> None:
         if self._fd is None:

@@ -104,9 +104,9 @@ class Timeouts:
             return (f"hang watchdog off (run.hang_timeout=0); collective timeout "
                     f"{self.collective_s} s")
         hang = (f"{self.hang:g} s" if self.hang else
-                f"auto ({AUTO_STEP_FACTOR} x the median step, {AUTO_FLOOR_S:g}-{AUTO_CAP_S:g} s)")
-        return (f"hang watchdog: limit {hang} (start-up, checkpoint saves, evaluation: "
-                f"{self.slow_phase_s:g} s); collective timeout {self.collective_s} s")
+                f"{AUTO_STEP_FACTOR} x the median step ({AUTO_FLOOR_S:g}-{AUTO_CAP_S:g} s)")
+        return (f"hang watchdog: limit {hang}; start-up, checkpoint saves and evaluation "
+                f"{self.slow_phase_s:g} s; collective timeout {self.collective_s} s")
 
 
 def timeouts(cfg) -> Timeouts:
@@ -397,8 +397,10 @@ class NodeWatcher:
 
     # --- ending the job
 
-    def dump_stacks(self, wait_s: float = 5.0) -> list[Path]:
-        """Every local rank's Python stacks into `stacks_dir/rank_<R>.txt`."""
+    def dump_stacks(self, wait_s: float = 15.0, settle_s: float = 1.0) -> list[Path]:
+        """Every local rank's Python stacks into `stacks_dir/rank_<R>.txt`: each rank's dump is
+        copied once its file has grown and then not changed for `settle_s` (a busy node may
+        take a while to run the handler of every rank), at most `wait_s` after the signal."""
         self.stacks_dir.mkdir(parents=True, exist_ok=True)
         now = time.time()
         pending = {}
@@ -424,15 +426,16 @@ class NodeWatcher:
                             f"its Python stack until it runs again)\n")
             written.append(dest)
         deadline = time.time() + wait_s
-        sizes: dict[int, int] = {}
+        sizes: dict[int, tuple[int, float]] = {}  # rank -> (size, since when)
         while pending and time.time() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.1)
             for r, (src, before, dest) in list(pending.items()):
                 size = src.stat().st_size if src.exists() else 0
-                if size > before and sizes.get(r) == size:  # grown and settled
+                if size != sizes.get(r, (None, 0))[0]:
+                    sizes[r] = (size, time.time())
+                elif size > before and time.time() - sizes[r][1] >= settle_s:
                     self._copy_dump(src, before, dest)
                     del pending[r]
-                sizes[r] = size
         for r, (src, before, dest) in pending.items():
             self._copy_dump(src, before, dest, note="(no complete stack within "
                                                     f"{wait_s:g} s of the signal)\n")
@@ -604,7 +607,8 @@ def start_node_watcher(cfg, env: Mapping[str, str] = os.environ) -> Optional[sub
            "--world-size", str(world), "--local-ranks", str(local),
            "--node", _node(env), "--launch", launch_id(env),
            "--tag", launch_tag(env)]
-    die_with_task = parent_death_signal_setter(signal.SIGKILL)
+    # SIGHUP, not SIGKILL, when the task ends: the watcher removes its directory and exits.
+    die_with_task = parent_death_signal_setter(signal.SIGHUP)
 
     def shielded():
         for s in STOP_SIGNALS:
@@ -648,6 +652,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="")
     a = ap.parse_args(argv)
     parent = os.getppid()
+
+    def task_ended(signum, frame):
+        raise SystemExit(0)  # through `finally`: the node-local directory is removed
+
+    signal.signal(signal.SIGHUP, task_ended)
     w = NodeWatcher(Path(a.progress_dir), Path(a.output_dir), Timeouts(parse_hang(a.hang_timeout)),
                     a.world_size, a.local_ranks, a.node, a.launch, a.tag,
                     Path(a.checkpoint_dir) if a.checkpoint_dir else None, out=sys.stdout)
@@ -656,7 +665,10 @@ def main(argv=None) -> int:
             time.sleep(POLL_S)
             v = w.poll()
             if v is not None:
-                w.end_job(v, kill=lambda: _kill_ranks(w.local.values()))
+                def kill():
+                    w.close(remove_dir=True)  # first: killing the last rank ends this process
+                    _kill_ranks(w.local.values())
+                w.end_job(v, kill=kill)
                 return EXIT_HUNG
             if w.local_ranks_gone():
                 break

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from megamor.progress import read_record, record_path
+from conftest import freeze_in_data
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 16
@@ -159,24 +159,6 @@ def test_one_rank_killed_ends_the_job(tmp_path, builtin_root):
 
 
 # ----------------------------------------------------------------------------- stalls
-
-
-def freeze_in_data(progress: Path, rank: int, min_step: int, timeout: float = 300) -> dict:
-    """SIGSTOP `rank` while its progress record says it is loading its batch at a step >=
-    `min_step` (read again once it is stopped: it had not moved on). Returns the record."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        r = read_record(record_path(progress, rank))
-        if r and r["step"] >= min_step and r["phase"] == "data":
-            os.kill(r["pid"], signal.SIGSTOP)
-            while psutil.Process(r["pid"]).status() != psutil.STATUS_STOPPED:
-                time.sleep(0.005)
-            again = read_record(record_path(progress, rank))
-            if again and again["seq"] == r["seq"]:
-                return r
-            os.kill(r["pid"], signal.SIGCONT)
-        time.sleep(0.02)
-    raise AssertionError(f"rank {rank} never reached step {min_step}: {progress}")
 
 
 def test_straggler_short_freeze_and_slow_save_are_not_hangs(reference, tmp_path, builtin_root):
