@@ -180,7 +180,8 @@ class Trainer:
         silence_expected_megatron_noise()
         self.stragglers = Stragglers(self.dims, self.device, cfg.tracking.straggler_threshold,
                                      cfg.tracking.straggler_windows, self.measures_collective_wait)
-        self.progress.listeners.append(self.stragglers.sections.mark)
+        if self.stragglers.enabled:
+            self.progress.listeners.append(self.stragglers.sections.mark)
 
     engine = "megatron"
     measures_collective_wait = True  # the gradient sync is a phase of its own (stragglers.py)

@@ -206,7 +206,8 @@ def judge(records: Mapping[int, Mapping], world_size: int, t: Timeouts, now: flo
           slack_s: float = 0.0) -> Optional[Verdict]:
     """A hang when no rank has advanced for the limit (plus `slack_s`: how stale other nodes'
     records may be). Records marked `stale` (their node stopped publishing) count as missing."""
-    known = {r: rec for r, rec in records.items() if not rec.get("stale")}
+    known = {r: rec for r, rec in records.items()
+             if not rec.get("stale") and {"t", "step", "phase"} <= rec.keys()}
     lim = stall_limit(known.values(), t)
     if lim is None:
         return None
@@ -320,7 +321,8 @@ class NodeWatcher:
         self.t, self.world_size, self.local_ranks, self.node = t, world_size, local_ranks, node
         self.launch = launch or f"local-{os.getpid()}-{time.time():.0f}"
         self.tag = tag or time.strftime("%Y%m%d-%H%M%S")
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output_dir / "checkpoints"
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir \
+            else self.output_dir / "checkpoints"
         self.out = out
         self.shared = self.output_dir / "logs" / "progress"
         self.publish_s = min(5.0, max(1.0, (t.hang or AUTO_FLOOR_S) / 4))
@@ -330,6 +332,7 @@ class NodeWatcher:
         self.local: dict[int, dict] = {}
         self.seen_local = False
         self.owns_dir = False  # remove the progress directory at the end
+        self.broken = False
 
     # --- reading and publishing
 
@@ -379,11 +382,21 @@ class NodeWatcher:
         return recs
 
     def poll(self, now: Optional[float] = None, force: bool = False) -> Optional[Verdict]:
-        """Read, publish when due, judge; at most once per POLL_S unless forced."""
+        """Read, publish when due, judge; at most once per POLL_S unless forced. A failure of
+        the watcher itself is reported once and never ends the job it watches."""
         now = time.time() if now is None else now
-        if not force and now - self._last_poll < POLL_S:
+        if self.broken or (not force and now - self._last_poll < POLL_S):
             return None
         self._last_poll = now
+        try:
+            return self._poll(now)
+        except Exception as e:  # noqa: BLE001 - the watcher must not end a healthy job
+            self.broken = True
+            print(f"WARNING: hang watchdog stopped watching node {self.node}: "
+                  f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            return None
+
+    def _poll(self, now: float) -> Optional[Verdict]:
         self.read_local()
         if now - self._last_publish >= self.publish_s:
             self.publish(now)

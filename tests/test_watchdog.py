@@ -188,6 +188,28 @@ def test_two_node_watchers_share_the_run_directory(tmp_path):
     assert v is not None and [r["rank"] for r in v.laggards] == [3]
     assert v.laggards[0]["phase"] == "forward_backward" and v.laggards[0]["node"] == 1
     assert [r["rank"] for r in v.waiting] == [0, 1, 2]
+    # Both nodes end the job: each dumps its own ranks' stacks and kills its own ranks; one of
+    # them prints the line and writes hung.json.
+    import io
+    import threading
+    outs, killed = [io.StringIO(), io.StringIO()], []
+    for n, w in enumerate(watchers):
+        w.out = outs[n]
+        w.dump_stacks = lambda: []  # tested with a live process below
+    verdicts = [w.poll(later, force=True) for w in watchers]
+    threads = [threading.Thread(target=w.end_job, args=(v, lambda n=n: killed.append(n)),
+                                kwargs={"grace_s": 10}) for n, (w, v) in
+               enumerate(zip(watchers, verdicts))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    lines = [o.getvalue() for o in outs if o.getvalue()]
+    assert sorted(killed) == [0, 1] and len(lines) == 1, (killed, lines)
+    marker = json.loads((out / "hung.json").read_text())
+    assert marker["laggards"] == [3] and marker["line"] == lines[0].strip()
+    assert "did not reach the collective: rank 3 in forward/backward at step 2" in lines[0]
+    assert len((out / "logs" / "hangs.jsonl").read_text().splitlines()) == 1
     # Node 1's watcher goes silent: node 0 no longer trusts its old records.
     silent = later + 3 * watchers[0].publish_s + 11
     v = watchers[0].poll(silent, force=True)
