@@ -569,7 +569,14 @@ def local_watcher(cfg, nproc: int) -> Optional[NodeWatcher]:
         d = Path(given)
     else:
         import tempfile
-        d = Path(tempfile.mkdtemp(prefix="megamor-progress-", dir=default_base()))
+
+        import psutil
+        base = default_base()
+        for old in base.glob("megamor-progress-*-*"):  # of launchers killed with -9
+            pid = old.name.split("-")[2]
+            if pid.isdigit() and not psutil.pid_exists(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        d = Path(tempfile.mkdtemp(prefix=f"megamor-progress-{os.getpid()}-", dir=base))
     w = NodeWatcher(d, Path(cfg.run.output_dir), t, nproc, nproc,
                     checkpoint_dir=checkpoint_root(cfg))
     w.owns_dir = not given

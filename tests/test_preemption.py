@@ -163,13 +163,13 @@ def test_one_rank_killed_ends_the_job(tmp_path, builtin_root):
 
 def test_straggler_short_freeze_and_slow_save_are_not_hangs(reference, tmp_path, builtin_root):
     """Rank 1's data path is slowed (0.3 s a step): every log line and MLflow name it the
-    slowest rank, with a warning after 3 windows. Rank 0 spends HANG + 3 s in the checkpoint
+    slowest rank, with a warning after 3 windows. Rank 0 spends HANG + 2 s in the checkpoint
     save of step 6, and rank 1 is frozen (SIGSTOP) for HANG / 2 s while the other waits in the
     gradient sync: neither is a hang, and the run ends with the uninterrupted run's losses."""
     out, progress = tmp_path / "run", tmp_path / "progress"
     proc = launch(out, builtin_root, [f"run.hang_timeout={HANG}", "tracking.enabled=true"],
                   env={"MEGAMOR_PROGRESS_DIR": str(progress),
-                       "MEGAMOR_TEST_DELAY": f"data@1=0.3,checkpoint@0#6={HANG + 3}"})
+                       "MEGAMOR_TEST_DELAY": f"data@1=0.3,checkpoint@0#6={HANG + 2}"})
     frozen = freeze_in_data(progress, 1, 9)
     time.sleep(HANG / 2)
     os.kill(frozen["pid"], signal.SIGCONT)
