@@ -28,7 +28,7 @@ def cpu_threads_per_rank(nproc: int) -> int:
 
 
 def relaunch(nproc: int, argv: list[str], preempted_marker: Optional[Path] = None,
-             ranks_catch_signals: bool = True) -> int:
+             ranks_catch_signals: bool = True, watcher=None) -> int:
     """Start `nproc` ranks of `python -m megamor.cli argv...` on this machine; return exit code.
 
     Stop signals (SIGTERM, SIGUSR1, Ctrl-C's SIGINT) sent to this process go to the rank
@@ -41,6 +41,10 @@ def relaunch(nproc: int, argv: list[str], preempted_marker: Optional[Path] = Non
     torchrun runs in its own process group (Ctrl-C reaches only this process) and is killed by
     the kernel if this process dies (kill -9); each rank watches for that and exits too
     (`megamor.lifecycle.exit_with_launcher`).
+
+    `watcher` (megamor.watchdog.NodeWatcher): this process is the ranks' hang watchdog; when no
+    rank advances for the hang limit it writes their stacks, prints one line, stops every rank
+    and the launch returns EXIT_HUNG.
     """
     from megamor.lifecycle import (EXIT_PREEMPTED, LAUNCHER_PID_ENV, PREEMPTED_RANK_EXIT_ENV,
                                    STOP_SIGNALS, catches_signal, parent_death_signal_setter)
@@ -49,6 +53,9 @@ def relaunch(nproc: int, argv: list[str], preempted_marker: Optional[Path] = Non
     env.setdefault("OMP_NUM_THREADS", str(cpu_threads_per_rank(nproc)))
     env[LAUNCHER_PID_ENV] = str(os.getpid())
     env[PREEMPTED_RANK_EXIT_ENV] = "0"
+    if watcher is not None:
+        from megamor.progress import PROGRESS_DIR_ENV
+        env[PROGRESS_DIR_ENV] = str(watcher.progress_dir)
     cmd = [sys.executable, "-m", "launch.torchrun", "--standalone",  # torchrun, quieter
            f"--nproc-per-node={nproc}", "-m", "megamor.cli", *argv]
     started = time.time()
@@ -102,9 +109,16 @@ def relaunch(nproc: int, argv: list[str], preempted_marker: Optional[Path] = Non
                 return 130
             if pending:
                 deliver()
+            hang = watcher.poll() if watcher is not None else None
+            if hang is not None:
+                from megamor.watchdog import EXIT_HUNG
+                watcher.end_job(hang, kill=lambda: stop_at_once(proc, ranks()))
+                return EXIT_HUNG
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        if watcher is not None:
+            watcher.close(remove_dir=watcher.owns_dir)
     if preempted_marker is not None and preempted_marker.exists() \
             and preempted_marker.stat().st_mtime >= started:
         return EXIT_PREEMPTED

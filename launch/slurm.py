@@ -335,6 +335,8 @@ def run(args) -> int:
             if os.environ.get("LOCAL_RANK", "0") == "0":
                 print(f"megamor launch: node {os.environ.get('NODE_RANK', '0')} "
                       f"({socket.gethostname()}): {where}", flush=True)
+            from megamor.watchdog import start_node_watcher
+            start_node_watcher(cfg)  # the node's hang watchdog (first task of each node)
             if "SLURM_CPUS_PER_TASK" in env:
                 os.environ.setdefault("OMP_NUM_THREADS", env["SLURM_CPUS_PER_TASK"])
             if ranks["RANK"] == "0":

@@ -54,8 +54,10 @@ def cmd_pretrain(args) -> int:
     if args.nproc > 1 and not under_launcher():
         rank_args = ["pretrain"] + (["--config", args.config] if args.config else []) + args.overrides
         from megamor.lifecycle import PREEMPTED_MARKER
+        from megamor.watchdog import local_watcher
         return relaunch(args.nproc, rank_args, Path(cfg.run.output_dir) / PREEMPTED_MARKER,
-                        ranks_catch_signals=cfg.checkpoint.save_on_signal)
+                        ranks_catch_signals=cfg.checkpoint.save_on_signal,
+                        watcher=local_watcher(cfg, args.nproc))
     _quiet()
     from megamor import parallel
     from megamor.engines import create_trainer

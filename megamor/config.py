@@ -189,11 +189,19 @@ class TrackingConfig:
     # default (None): with every checkpoint save and at the last step; 0: off.
     depth_map_interval: Optional[int] = None
     depth_map_text: Optional[str] = None  # the sample; default: the first training sequence
+    # Straggler report (megamor/stragglers.py): warn when one rank computes at least this many
+    # times the median rank's time for this many logging windows in a row.
+    straggler_threshold: float = 1.2
+    straggler_windows: int = 3
 
 
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"
+    # Hang watchdog (megamor/watchdog.py): seconds without any rank advancing before the job is
+    # ended with its stacks and exit 76; unset (null): 10 x the median step, at least 5 minutes;
+    # 0: off. The collective (gloo/NCCL) timeouts derive from it and sit above it.
+    hang_timeout: Optional[float] = None
 
 
 @dataclass
@@ -531,6 +539,20 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                           f">= 0 (0: off; unset: with every checkpoint save)")
     if not math.isfinite(t.clip_grad) or t.clip_grad < 0:
         raise ConfigError(f"train.clip_grad={t.clip_grad} must be >= 0 (0 disables clipping)")
+    _validate_watchdog(cfg)
+
+
+def _validate_watchdog(cfg: Config) -> None:
+    h, tr = cfg.run.hang_timeout, cfg.tracking
+    if h is not None and (not math.isfinite(h) or h < 0 or 0 < h < 5):
+        raise ConfigError(
+            f"run.hang_timeout={h}: give seconds >= 5 (a step must fit in it), 0 to turn the hang "
+            f"watchdog off, or leave it unset for 10 x the median step (at least 5 minutes)")
+    if not math.isfinite(tr.straggler_threshold) or tr.straggler_threshold <= 1.0:
+        raise ConfigError(f"tracking.straggler_threshold={tr.straggler_threshold} must be > 1 "
+                          f"(a ratio to the median rank's compute time, e.g. 1.2)")
+    if tr.straggler_windows < 1:
+        raise ConfigError(f"tracking.straggler_windows={tr.straggler_windows} must be >= 1")
 
 
 def _validate_engine(cfg: Config) -> None:

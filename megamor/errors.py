@@ -6,6 +6,7 @@
     2   bad input found before any rank started (`megamor pretrain`'s pre-start checks,
         megamor/preflight.py; `python -m launch.slurm --check`)
     75  a checkpoint was saved on a signal (EXIT_PREEMPTED, megamor/checkpoint.py)
+    76  a rank stalled: the hang watchdog ended the job (EXIT_HUNG, megamor/watchdog.py)
 
 Every rank that fails writes its traceback to its log file. The one-line report is printed by
 one rank per distinct error: ranks of one launch claim the error's line with a file created

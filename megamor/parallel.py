@@ -35,6 +35,7 @@ class ParallelDims:
     embedding_group: object = None  # first + last stage (pp > 1), holding the tied embedding
     # unique layer index -> process group over the pipeline stages holding a copy of it
     shared_layer_groups: dict = field(default_factory=dict)
+    timeout_s: int = 1800  # every group's collective timeout (initialize's timeout_s)
 
     @property
     def first_stage(self) -> bool:
@@ -63,15 +64,19 @@ def process_group_backend(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
-def init_process_group(device: torch.device) -> None:
+DEFAULT_TIMEOUT_S = 1800  # what megamor.watchdog.Timeouts gives without run.hang_timeout
+
+
+def init_process_group(device: torch.device, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
     """Join the job from torchrun / Slurm-derived env vars, or form a world of one. A process
-    group that already exists is kept as it is."""
+    group that already exists is kept as it is. `timeout_s`: every collective's timeout
+    (megamor.watchdog.Timeouts.collective_s, from run.hang_timeout)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL and object collectives use the current device
     if dist.is_initialized():
         return
     backend = process_group_backend(device)
-    timeout = datetime.timedelta(minutes=int(os.environ.get("MEGAMOR_DIST_TIMEOUT_MIN", "30")))
+    timeout = datetime.timedelta(seconds=timeout_s)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend=backend, timeout=timeout)
     else:
@@ -79,18 +84,21 @@ def init_process_group(device: torch.device) -> None:
                                 rank=0, world_size=1, timeout=timeout)
 
 
-def initialize(tp: int, pp: int, device: torch.device) -> ParallelDims:
-    init_process_group(device)
+def initialize(tp: int, pp: int, device: torch.device,
+               timeout_s: int = DEFAULT_TIMEOUT_S) -> ParallelDims:
+    init_process_group(device, timeout_s)
     world, rank = dist.get_world_size(), dist.get_rank()
     if mps.model_parallel_is_initialized():
         mps.destroy_model_parallel()
-    mps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    mps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                  distributed_timeout_minutes=-(-timeout_s // 60))
     dims = ParallelDims(
         world_size=world, rank=rank, tp=tp, pp=pp, dp=world // (tp * pp),
         tp_rank=mps.get_tensor_model_parallel_rank(),
         pp_rank=mps.get_pipeline_model_parallel_rank(),
         dp_rank=mps.get_data_parallel_rank(), device=device,
         dp_group=mps.get_data_parallel_group(), pp_group=mps.get_pipeline_model_parallel_group(),
+        timeout_s=timeout_s,
     )
     if pp > 1 and mps.is_rank_in_embedding_group(ignore_virtual=True):
         dims.embedding_group = mps.get_embedding_group()
@@ -126,7 +134,7 @@ def create_shared_layer_groups(dims: ParallelDims, plan: Plan, ranges: list[tupl
     for stages in sorted(set(holders.values())):
         for pipe in pipelines:
             ranks = [pipe[s] for s in stages]
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=dims.timeout_s))
             if dims.rank in ranks:
                 by_stages[stages] = group
     for u, stages in holders.items():

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megamor import parallel
+from megamor import parallel, watchdog
 from megamor.config import Config, save_config
 from megamor.data import GlobalBatchSampler, get_batch
 from megamor.model import build_stage, padded_vocab_size, plan_for, transformer_config
@@ -33,6 +33,8 @@ from megamor.tracking import create_tracker
 from megamor.checkpoint import (EXIT_PREEMPTED, OPTIMIZER_FORMAT, Checkpointer, atomic_write,
                                 resolve_resume)
 from megamor.lifecycle import PREEMPTED_MARKER, STOP_SIGNALS, exit_with_launcher
+from megamor.progress import Progress
+from megamor.stragglers import Stragglers, line_part
 from megamor.schedule import build_scheduler, plan_resume, saved_schedule
 from megamor.shims import install_cpu_shims, install_optimizer_fixes, seed_model_parallel_rng
 from megamor.device import resolve_device
@@ -95,6 +97,8 @@ def open_dataset(cfg: Config):
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        # Step and phase for the hang watchdog (megamor/watchdog.py), from the start.
+        self.progress = Progress.from_env(int(os.environ.get("RANK", "0")))
         self._signal: Optional[int] = None
         if cfg.checkpoint.save_on_signal:
             # Installed first: a signal during start-up is honoured after the first step.
@@ -107,8 +111,9 @@ class Trainer:
             install_cpu_shims()
         self.dtype, self.fp8 = resolve_precision(cfg, self.device)
         p = cfg.parallel
+        timeout_s, _ = watchdog.prepare_collectives(cfg, self.device.type)  # run.hang_timeout
         self.dims = parallel.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                        self.device)
+                                        self.device, timeout_s=timeout_s)
         cfg.validate(world_size=self.dims.world_size)
         torch.manual_seed(cfg.train.seed)
         seed_model_parallel_rng(cfg.train.seed, self.dims.tp_rank)
@@ -149,8 +154,13 @@ class Trainer:
             dist.barrier()
         self._mfu_window = MfuWindow(cfg.train.log_interval)
         silence_expected_megatron_noise()
+        self.stragglers = Stragglers(self.dims, self.device, cfg.tracking.straggler_threshold,
+                                     cfg.tracking.straggler_windows, self.measures_collective_wait)
+        if self.stragglers.enabled:
+            self.progress.listeners.append(self.stragglers.sections.mark)
 
     engine = "megatron"
+    measures_collective_wait = True  # the gradient sync is a phase of its own (stragglers.py)
 
     def _restore(self) -> None:
         """Resume (wins: a requeued job continues its own run) or start from given weights."""
@@ -213,6 +223,7 @@ class Trainer:
 
     def _finalize_grads(self, model_list, num_tokens=None, pg_collection=None, force_all_reduce=False):
         from megatron.core.distributed import finalize_model_grads
+        self.progress.enter("grad_sync", self.step + 1)
         parallel.allreduce_shared_grads(self.model, self.dims)
         return finalize_model_grads(model_list, num_tokens, pg_collection=self._finalize_groups,
                                     force_all_reduce=force_all_reduce)
@@ -237,6 +248,7 @@ class Trainer:
 
         cfg, dims = self.cfg, self.dims
         t0 = time.perf_counter()
+        self.progress.enter("data", self.step + 1)
         micro = self.sampler.rank_micro_batches(self.step)
         batches = iter([get_batch(self.dataset, idx) for idx in micro])
         self.stage.aux_loss_scale = 1.0 / self.num_microbatches
@@ -249,17 +261,20 @@ class Trainer:
         def adjust_shapes(recv, send):
             return [(s[0], s[1], wire) for s in recv], [(s[0], s[1], wire) for s in send]
 
+        self.progress.enter("forward_backward", self.step + 1)
         losses = get_forward_backward_func()(
             forward_step_func=self._forward_step, data_iterator=batches, model=[self.model],
             num_microbatches=self.num_microbatches, seq_length=cfg.model.seq_length,
             micro_batch_size=cfg.train.micro_batch_size, forward_only=False,
             adjust_tensor_shapes_fn=adjust_shapes if dims.pp > 1 else None)
+        self.progress.enter("optimizer", self.step + 1)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=cfg.train.global_batch_size)
         self.stage.update_router_bias()
         self.step += 1
         self.consumed_samples += cfg.train.global_batch_size
+        self.progress.enter("metrics", self.step)
         metrics = self._reduce_metrics(losses, grad_norm, time.perf_counter() - t0)
         self.history.append(metrics)
         return metrics
@@ -558,6 +573,8 @@ class Trainer:
             parts.append("steps " + "/".join(fr))
         if "router/dead_token_ratio" in m:
             parts.append(f"dead {m['router/dead_token_ratio']:.2f}")
+        if line_part(m):
+            parts.append(line_part(m))
         return " | ".join(parts)
 
     def _open_metrics_log(self, out: Path):
@@ -583,6 +600,7 @@ class Trainer:
     def _save(self) -> Path:
         """A periodic or final save; rank 0 reports it once it is published (`_announce_saved`)."""
         t0 = time.time()
+        self.progress.enter("checkpoint", self.step)
         path = self.checkpointer.save(self)
         self._announce_saved()  # an earlier asynchronous save, published as this one started
         self._unannounced = (self.step, path, t0)
@@ -612,6 +630,7 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.yaml")
             (out / PREEMPTED_MARKER).unlink(missing_ok=True)
+            (out / watchdog.HUNG_MARKER).unlink(missing_ok=True)
             log = self._open_metrics_log(out)
             if self.resumed_from is not None:
                 print(f"resumed from {self.resumed_from} at step {self.step}", flush=True)
@@ -624,6 +643,8 @@ class Trainer:
             for line in banner(cfg, self.dims, self.device, self.precision, params,
                                self._data_description(), len(self.dataset), first_step,
                                mlflow_location(cfg, out)):
+                print(line, flush=True)
+            for line in watchdog.banner_lines(cfg, watched=self.progress.directory is not None):
                 print(line, flush=True)
             if self.schedule_note:
                 print(f"megamor: {self.schedule_note}", flush=True)
@@ -641,6 +662,11 @@ class Trainer:
         try:
             while self.step < cfg.train.train_steps:
                 m = self.train_step()
+                self.stragglers.step_done()
+                straggler = None
+                if self.logs_at(m["step"]):  # every rank: a window's straggler report
+                    stats, straggler = self.stragglers.close_window(m["step"])
+                    m.update(stats)
                 if not math.isfinite(m["loss"]):
                     raise FloatingPointError(f"loss became {m['loss']} at step {m['step']}")
                 if log is not None:
@@ -660,13 +686,20 @@ class Trainer:
                         if alerts:
                             self.tracker.set_tags({"megamor.router_warning": f"step {m['step']}: "
                                                    + " / ".join(alerts)})
+                        if straggler:
+                            print(f"WARNING: {straggler}", flush=True)
+                            self.tracker.set_tags({"megamor.straggler_warning":
+                                                   f"step {m['step']}: {straggler}"})
                 if self.depth_map_due(self.step):
+                    self.progress.enter("evaluation", self.step)
                     self.log_depth_map(out)
+                self.progress.enter("step_end", self.step)
                 self.checkpointer.poll()
                 self._announce_saved()
                 stop = self._signal_agreed() if cfg.checkpoint.save_on_signal else 0
                 if stop:
                     # save() first finishes (publishes) an asynchronous save still in flight.
+                    self.progress.enter("checkpoint", self.step)
                     path = self.checkpointer.save(self)
                     self.checkpointer.wait()
                     if self.dims.rank == 0:
@@ -684,6 +717,7 @@ class Trainer:
             final = self._save()
             self.checkpointer.wait()
             self._announce_saved()
+            self.progress.enter("finishing", self.step)
             status = "FINISHED"
             if self.dims.rank == 0:
                 loss = self.history[-1]["loss"] if self.history else None

@@ -11,7 +11,10 @@
 #      --batch`) to the srun step, whose tasks save a checkpoint and exit 75 (megatron's
 #      checkpoint helper processes ignore the signal; megamor/lifecycle.py);
 #   5. on exit 75 (or a fresh preempted.json) runs `scontrol requeue $SLURM_JOB_ID`: the job
-#      queues again and the next run resumes from the newest checkpoint.
+#      queues again and the next run resumes from the newest checkpoint;
+#   6. on a stalled rank (the node's hang watchdog wrote a fresh hung.json, megamor/watchdog.py)
+#      exits 76 and requeues the same way, unless the job hung MEGAMOR_HANG_REQUEUES times in a
+#      row without a new checkpoint.
 # The output directory is runs/<job name> (MEGAMOR_OUTPUT_DIR, or MEGAMOR_OUTPUT_PER_JOB=1 for
 # runs/<job name>-<job id>): a new sbatch of the same script resumes too. A job refuses a
 # directory that another running job uses (recorded in <dir>/.slurm_job).
@@ -81,7 +84,8 @@ megamor_batch() {
   export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
   if [ "$device" = cuda ]; then
     export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # megatron TP overlap
-    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+    # TORCH_NCCL_* (async error handling, heartbeat, flight recorder) are set by each rank from
+    # run.hang_timeout, above its collective timeout (megamor/watchdog.py, docs/cluster.md).
     export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
     export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
     export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-1}
@@ -161,6 +165,9 @@ megamor_batch() {
   done
   trap - USR1 TERM
   if [ "$rc" != 75 ] && [ "$out/preempted.json" -nt "$stamp" ]; then rc=75; fi
+  # A stalled rank: the hang watchdog printed its line, wrote the stacks and hung.json, and
+  # killed the ranks (srun then reports them killed).
+  if [ "$rc" != 75 ] && [ "$out/hung.json" -nt "$stamp" ]; then rc=76; fi
   if [ "$rc" != 0 ] && [ "$rc" != 75 ] && [ "$MEGAMOR_GOT_USR1" = 1 ] && [ "$rc" -gt 128 ]; then
     # USR1 arrived before the ranks installed their handler (start-up): no new checkpoint,
     # but the job was still asked to make room; requeue and resume from the last one.
@@ -180,6 +187,25 @@ megamor_batch() {
     megamor_log "checkpoint saved on a signal: scontrol requeue $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID" || { megamor_log "requeue failed"; exit 75; }
     exit 75
+  fi
+  if [ "$rc" = 76 ]; then
+    # Requeue a stall, but not forever: count the stalls that found the same latest checkpoint.
+    local latest prev="" count=0
+    latest=$(cat "$out/checkpoints/latest" 2>/dev/null || echo none)
+    [ -f "$out/.hang_requeues" ] && read -r prev count < "$out/.hang_requeues"
+    if [ "$prev" = "$latest" ]; then count=$((count + 1)); else count=1; fi
+    echo "$latest $count" > "$out/.hang_requeues"
+    if [ "${MEGAMOR_REQUEUE:-1}" = 0 ] || [ -z "${SLURM_JOB_ID:-}" ]; then
+      megamor_log "a rank stalled (see $out/hung.json); not requeueing (resume with --resume auto)"
+      exit 76
+    fi
+    if [ "$count" -gt "${MEGAMOR_HANG_REQUEUES:-3}" ]; then
+      megamor_log "a rank stalled $count times in a row at checkpoint $latest; not requeueing (MEGAMOR_HANG_REQUEUES=${MEGAMOR_HANG_REQUEUES:-3}; see $out/logs/hangs.jsonl)"
+      exit 76
+    fi
+    megamor_log "a rank stalled (stall $count at checkpoint $latest): scontrol requeue $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID" || { megamor_log "requeue failed"; exit 76; }
+    exit 76
   fi
   exit "$rc"
 }

@@ -1,7 +1,9 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +42,29 @@ def run_kinds(tmp_path, builtin_root, nproc: int, kinds: list[str], overrides: l
                                         f"data.builtin_root={builtin_root}",
                                         f"run.output_dir={tmp_path / 'run'}", *overrides])
     return json.loads(out.read_text())
+
+
+def freeze_in_data(progress: Path, rank: int, min_step: int, timeout: float = 300,
+                   while_waiting=None) -> dict:
+    """SIGSTOP `rank` while its progress record (megamor/progress.py, in the node-local
+    directory `progress`) says it is loading its batch at a step >= `min_step`, after a step of
+    this run completed (so the hang limit, not the start-up allowance, applies); read again
+    once it is stopped: it had not moved on. Returns the record. `while_waiting()` runs every
+    poll."""
+    import psutil
+    from megamor.progress import read_record, record_path
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if while_waiting is not None:
+            while_waiting()
+        r = read_record(record_path(progress, rank))
+        if r and r["step"] >= min_step and r["phase"] == "data" and r["median_step_s"]:
+            os.kill(r["pid"], signal.SIGSTOP)
+            while psutil.Process(r["pid"]).status() != psutil.STATUS_STOPPED:
+                time.sleep(0.005)
+            again = read_record(record_path(progress, rank))
+            if again and again["seq"] == r["seq"]:
+                return r
+            os.kill(r["pid"], signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError(f"rank {rank} never reached step {min_step}: {progress}")

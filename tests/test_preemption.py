@@ -2,7 +2,10 @@
 a stop signal after periodic checkpoints (sync and async, SIGTERM and Ctrl-C's SIGINT) saves,
 exits 75 with one line and resumes to the uninterrupted run's losses; kill -9 of the launcher's
 process group leaves no rank or checkpoint writer running; one rank killed ends the job.
-Slurm's side (USR1 -> requeue) is in tests/test_slurm.py."""
+Stalls (megamor/watchdog.py): a slowed rank is reported as the straggler, and neither a rank
+frozen for less than run.hang_timeout nor a checkpoint save longer than it is a hang (the run
+ends with the uninterrupted losses); a rank frozen for longer ends the job with one line, the
+stacks and exit 76. Slurm's side (USR1 -> requeue, a stall -> requeue) is in tests/test_slurm.py."""
 
 import json
 import os
@@ -15,6 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import freeze_in_data
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 16
 RUN = ["model.preset=tiny", "model.seq_length=64", "train.global_batch_size=8",
@@ -22,14 +27,16 @@ RUN = ["model.preset=tiny", "model.seq_length=64", "train.global_batch_size=8",
        "checkpoint.keep_last=10", "tracking.enabled=false", "tracking.depth_map_interval=0",
        f"train.train_steps={STEPS}", "checkpoint.save_interval=3"]
 NOISE = ("Traceback", "FAILED", "Error", "KeyboardInterrupt", "BrokenPipe", "torch.distributed")
+HANG = 10  # run.hang_timeout (s) of the stall tests
 
 
-def launch(out: Path, builtin, extra=(), resume=False, **popen) -> subprocess.Popen:
+def launch(out: Path, builtin, extra=(), resume=False, env=None, **popen) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "megamor.cli", "pretrain", "--nproc", "2", *RUN,
            f"data.builtin_root={builtin}", f"run.output_dir={out}", *extra]
     cmd += ["--resume", "auto"] if resume else []
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), **popen)
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
+                            **popen)
 
 
 def read_until(proc: subprocess.Popen, text: str, timeout: float = 300) -> list[str]:
@@ -148,4 +155,80 @@ def test_one_rank_killed_ends_the_job(tmp_path, builtin_root):
     ranks[-1].kill()
     text, _ = proc.communicate(timeout=150)
     assert time.time() - t0 < 120 and proc.returncode not in (0, 75), (proc.returncode, text)
+    assert not wait_gone(procs, timeout=10)
+
+
+# ----------------------------------------------------------------------------- stalls
+
+
+def test_straggler_short_freeze_and_slow_save_are_not_hangs(reference, tmp_path, builtin_root):
+    """Rank 1's data path is slowed (0.3 s a step): every log line and MLflow name it the
+    slowest rank, with a warning after 3 windows. Rank 0 spends HANG + 2 s in the checkpoint
+    save of step 6, and rank 1 is frozen (SIGSTOP) for HANG / 2 s while the other waits in the
+    gradient sync: neither is a hang, and the run ends with the uninterrupted run's losses."""
+    out, progress = tmp_path / "run", tmp_path / "progress"
+    proc = launch(out, builtin_root, [f"run.hang_timeout={HANG}", "tracking.enabled=true"],
+                  env={"MEGAMOR_PROGRESS_DIR": str(progress),
+                       "MEGAMOR_TEST_DELAY": f"data@1=0.3,checkpoint@0#6={HANG + 2}"})
+    frozen = freeze_in_data(progress, 1, 9)
+    time.sleep(HANG / 2)
+    os.kill(frozen["pid"], signal.SIGCONT)
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, text[-4000:]
+    assert "megamor: hang:" not in text and not (out / "hung.json").exists(), text[-3000:]
+    assert losses(out) == reference  # fp32 on CPU: exact
+    assert f"megamor: hang watchdog: limit {HANG} s" in text
+    saved = [l for l in text.splitlines() if "checkpoint step 6 saved" in l]
+    assert len(saved) == 1 and float(saved[0].rsplit("(", 1)[1].split()[0]) > HANG, saved
+
+    lines = [l for l in text.splitlines() if l.startswith("step ")]
+    slowest = [l.rsplit("| slowest ", 1)[1] for l in lines]
+    assert len(slowest) == STEPS and sum(s.startswith("r1 ") for s in slowest) >= STEPS - 2, lines
+    warned = [l for l in text.splitlines() if l.startswith("WARNING: straggler:")]
+    assert warned and warned[0].startswith("WARNING: straggler: rank 1 (on "), warned
+    assert "for 3 logging windows in a row" in warned[0]
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    ranks = client.get_metric_history(run.info.run_id, "straggler/rank")
+    ratios = client.get_metric_history(run.info.run_id, "straggler/ratio")
+    assert sorted(h.step for h in ratios) == list(range(1, STEPS + 1))
+    assert sum(h.value == 1 for h in ranks) >= STEPS - 2
+    assert max(h.value for h in ratios) > 1.2
+    assert run.data.tags["megamor.straggler_warning"].split(": ", 1)[1] == \
+        warned[0].removeprefix("WARNING: ")
+
+
+def test_frozen_rank_ends_the_job_with_one_line_and_stacks(tmp_path, builtin_root):
+    """Rank 1 frozen (SIGSTOP) in its data path for good: within HANG + 60 s the launcher prints
+    one line naming it, its phase and step, and rank 0 waiting in the gradient sync; every
+    rank's stacks are in <run>/logs/hang-*/; hung.json says the same; exit 76; no process
+    left."""
+    out, progress = tmp_path / "run", tmp_path / "progress"
+    proc = launch(out, builtin_root, [f"run.hang_timeout={HANG}"],
+                  env={"MEGAMOR_PROGRESS_DIR": str(progress), "MEGAMOR_TEST_DELAY": "data@1=0.3"})
+    frozen = freeze_in_data(progress, 1, 4)
+    t0, procs = time.time(), tree(proc)
+    text, _ = proc.communicate(timeout=HANG + 120)
+    took = time.time() - t0
+    assert proc.returncode == 76 and HANG <= took < HANG + 60, (proc.returncode, took, text[-3000:])
+    (line,) = [l for l in text.splitlines() if l.startswith("megamor: hang:")]
+    step, pid = frozen["step"], frozen["pid"]
+    assert (f"(limit {HANG} s, run.hang_timeout): did not reach the collective: rank 1 in data "
+            f"(loading its batch) at step {step} (pid {pid} on ") in line, line
+    assert "stopped (SIGSTOP or a debugger)); rank 0 waits in gradient sync (all-reduce) at " \
+           f"step {step}; stacks in {out}/logs/hang-" in line, line
+    assert line.endswith("exiting with 76 (retryable: resume with --resume auto)")
+    assert not [l for l in text.splitlines() if any(n in l for n in NOISE)], text[-3000:]
+    marker = json.loads((out / "hung.json").read_text())
+    assert marker["laggards"] == [1] and marker["line"] == line
+    assert marker["where"]["1"] == {"step": step, "phase": "data", "state": "stopped"}
+    assert marker["checkpoint"] == str(out / "checkpoints" / f"step_{3 * ((step - 1) // 3):08d}")
+    stacks = Path(marker["stacks"])
+    assert f"stacks in {stacks}/" in line
+    waiting = (stacks / "rank_0.txt").read_text()
+    assert waiting.startswith("rank 0 (pid ") and "gradient sync (all-reduce)" in waiting
+    assert "in _finalize_grads" in waiting and "in train_step" in waiting, waiting
+    assert "process state stopped" in (stacks / "rank_1.txt").read_text()
+    assert json.loads((out / "logs" / "hangs.jsonl").read_text())["line"] == line
     assert not wait_gone(procs, timeout=10)

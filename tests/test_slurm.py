@@ -1,7 +1,8 @@
 """Slurm launch path: node lists and rank variables, the four H100 batch scripts judged by a real
 slurmctld, a 2-task CPU job end to end through sbatch, preemption by USR1 -> checkpoint ->
-requeue -> resume with the same final loss, a two-host rehearsal over a veth pair between two
-network namespaces, and bad input failing before any rank computes.
+requeue -> resume, then a frozen rank -> hang watchdog -> requeue -> resume, with the same final
+loss, a two-host rehearsal over a veth pair between two network namespaces, and bad input failing
+before any rank computes.
 
 The cluster comes from tests/slurm/setup_cluster.sh (Debian's slurm-wlm + munge, one real node
 plus simulated H100 nodes, its own slurm.conf); .ci/run runs it before pytest. The tests talk
@@ -22,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import freeze_in_data
 from launch import slurm as L
+from megamor.watchdog import node_progress_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SETUP = REPO / "tests" / "slurm" / "setup_cluster.sh"
@@ -347,12 +350,19 @@ def test_sbatch_cpu_job_end_to_end(uninterrupted):
 def test_preempt_requeue_resume_same_loss(uninterrupted, tmp_path, data_root):
     """USR1 to the batch shell after periodic checkpoints (Slurm signals every process of the
     step, megatron's checkpoint helpers included) -> ranks checkpoint and exit 75 -> scontrol
-    requeue -> the job runs again with --resume auto and ends with the uninterrupted run's final
-    loss. Meanwhile another job cannot take the same output directory."""
+    requeue -> the job runs again with --resume auto. There rank 1 is frozen (SIGSTOP) -> the
+    node's hang watchdog writes the stacks, prints one line naming rank 1, ends the step -> the
+    batch script sees hung.json, exits 76 and requeues -> the third run resumes from the last
+    checkpoint and ends with the uninterrupted run's final loss. Meanwhile another job cannot
+    take the same output directory."""
     ref_tmp, _ = uninterrupted
-    env = _cpu_env(tmp_path, tmp_path / "run", tmp_path / "job.out")
+    hang = 10
+    # Rank 1's data path slowed a little: the test can catch it there (freeze_in_data).
+    env = _cpu_env(tmp_path, tmp_path / "run", tmp_path / "job.out",
+                   MEGAMOR_TEST_DELAY="data@1=0.05")
     jid = _submit(env, "pretrain_135m.sh", [*TINY, f"train.train_steps={STEPS}",
                                             "checkpoint.save_interval=2",
+                                            f"run.hang_timeout={hang}",
                                             f"data.builtin_root={data_root}"])
     metrics = tmp_path / "run" / "metrics.jsonl"
     t0 = time.time()
@@ -368,20 +378,48 @@ def test_preempt_requeue_resume_same_loss(uninterrupted, tmp_path, data_root):
     assert other.returncode == 2 and f"job {jid} (queued or running) uses {tmp_path / 'run'}" \
         in other.stdout, other.stdout + other.stderr
 
-    def release(j):
-        # Slurm holds a requeued job back for a while (Reason=BeginTime); start it now.
-        if j.get("Restarts", "0") != "0" and j.get("Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"])
+    held: dict = {}
 
+    def release(j):
+        # Slurm holds a requeued job back for a while (Reason=BeginTime); start it a few seconds
+        # after the requeue (at once, slurmd may not have cleaned up the last run yet and the
+        # start fails with "Job credential revoked").
+        if j.get("Restarts", "0") != "0" and j.get("Reason") == "BeginTime":
+            since = held.setdefault(j["Restarts"], time.time())
+            if time.time() - since > 3:
+                subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"])
+
+    # The second run's node-local progress directory, as its tasks derive it.
+    progress = node_progress_dir({"SLURM_JOB_ID": jid, "SLURM_RESTART_COUNT": "1",
+                                  "SLURM_STEP_ID": "0", "NODE_RANK": "0"})
+    frozen = freeze_in_data(progress, 1, 1, timeout=240,
+                            while_waiting=lambda: release(_job(jid)))
+    step = frozen["step"]
     j = _wait_done(jid, 300, on_pending=release)
     log = (tmp_path / "job.out").read_text()
     assert j["JobState"] == "COMPLETED" and j["ExitCode"] == "0:0", (j, log)
-    assert j["Restarts"] == "1", j
+    assert j["Restarts"] == "2", j
     assert "USR1: asking the ranks to checkpoint" in log
     assert "SIGUSR1: saved" in log and "exiting with 75" in log and "srun exited with 75" in log, log
     assert "Traceback" not in log and "BrokenPipe" not in log, log
     assert f"scontrol requeue {jid}" in log and "restart 1:" in log, log
-    assert "resumed from" in log, log
+    assert log.count("resumed from") == 2, log
+    # The stall: one line naming the frozen rank; stacks; exit 76; requeued; resumed.
+    (line,) = [l for l in log.splitlines() if l.startswith("megamor: hang:")]
+    assert (f"(limit {hang} s, run.hang_timeout): did not reach the collective: rank 1 in data "
+            f"(loading its batch) at step {step} (pid {frozen['pid']} on ") in line, line
+    assert "stopped (SIGSTOP or a debugger)); rank 0 waits in gradient sync (all-reduce) at " \
+           f"step {step}" in line, line
+    assert f"stacks in {tmp_path / 'run' / 'logs' / f'hang-job{jid}-r1'}/" in line, line
+    stacks = tmp_path / "run" / "logs" / f"hang-job{jid}-r1"
+    assert "process state stopped" in (stacks / "rank_1.txt").read_text()
+    assert "Current thread" in (stacks / "rank_0.txt").read_text()
+    assert "srun exited with 76" in log and "a rank stalled (stall 1 at checkpoint step_" in log
+    assert "restart 2:" in log, log
+    hangs = [json.loads(l) for l in (tmp_path / "run" / "logs" / "hangs.jsonl").read_text()
+             .splitlines()]
+    assert len(hangs) == 1 and hangs[0]["line"] == line and hangs[0]["laggards"] == [1]
+    assert not (tmp_path / "run" / "hung.json").exists()  # the resumed run removed it
     stopped = json.loads((tmp_path / "run" / "preempted.json").read_text()
                          if (tmp_path / "run" / "preempted.json").exists() else "{}")
     assert not stopped  # the resumed run removed the marker

@@ -321,6 +321,7 @@ def _prepare_deepspeed(device: torch.device) -> None:
 
 class DeepSpeedTrainer(Trainer):
     engine = "deepspeed"
+    measures_collective_wait = False  # its collectives run inside backward() and step()
 
     def _build_model(self) -> None:
         """The stage only; the DeepSpeed engine is created in `_restore`, after
@@ -391,6 +392,7 @@ class DeepSpeedTrainer(Trainer):
 
         cfg = self.cfg
         t0 = time.perf_counter()
+        self.progress.enter("data", self.step + 1)
         micro = self.sampler.rank_micro_batches(self.step)
         self.stage.aux_loss_scale = 1.0 / self.num_microbatches
         self.stage.reset_stats()
@@ -400,6 +402,7 @@ class DeepSpeedTrainer(Trainer):
                 meter.take()  # not counting a depth map's forward since the last step
         losses = []
         shared = {"forward": 0, "backward": 0}
+        self.progress.enter("forward_backward", self.step + 1)  # and the ZeRO collectives
         for idx in micro:
             batch = get_batch(self.dataset, idx)
             per_token = self.model(input_ids=batch["tokens"].to(self.device),
@@ -417,6 +420,7 @@ class DeepSpeedTrainer(Trainer):
         self.stage.update_router_bias()
         self.step += 1
         self.consumed_samples += cfg.train.global_batch_size
+        self.progress.enter("metrics", self.step)
         metrics = self._reduce_metrics(losses, grad_norm, time.perf_counter() - t0)
         if self.allgather_meter is not None:  # this rank's ZeRO-3 parameter all-gathers
             metrics["zero3/allgather_bytes"] = self.allgather_meter.take()
