@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from megamor.data.sampler import GlobalBatchSampler
-from megamor.data.shards import DataError, ShardedTokenDataset
+from megamor.data.manifest import DataError
+from megamor.data.shard_reader import ShardedTokenDataset
 
 _WEIGHTED = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*:(.+)$")
 
