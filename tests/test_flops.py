@@ -5,7 +5,7 @@ import pytest
 from megamor.config import ModelConfig, RoutingConfig
 from megamor.flops import PEAK_FLOPS, flops_per_step, gpu_kind, layer_matmul_params, mfu, \
     peak_flops_per_device
-from megamor.model.layout import build_plan
+from megamor.layout import build_plan
 
 # h = 8, 2 heads, 1 query group, head dim 4, FFN 16, vocabulary 32.
 # Matmul weights per layer: QKV 8 x (2*4 + 2*1*4) = 128, proj 8 x 8 = 64,

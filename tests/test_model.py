@@ -7,7 +7,7 @@ import torch
 
 warnings.filterwarnings("ignore")
 
-from megamor.model.layout import balanced_cut, build_plan
+from megamor.layout import balanced_cut, build_plan
 from megamor.model.routing import ActiveSet, ExpertChoiceRouter
 from single_process import BATCH, SEQ, make_model, tokens, world_of_one  # noqa: F401 (fixture)
 

@@ -16,7 +16,7 @@ from conftest import run_ranks
 from megamor.cli import main as cli_main
 from megamor.config import load_config
 from megamor.flops import LAYER_OVERHEAD, pipeline_costs
-from megamor.model.layout import (StageCosts, balanced_cut, build_plan, circular_loads,
+from megamor.layout import (StageCosts, balanced_cut, build_plan, circular_loads,
                                   stage_ranges, useful_fraction)
 from megamor.planner import Cluster, Layout, predict, rank
 

@@ -18,13 +18,17 @@ from typing import Iterable, Sequence
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from megamor.errors import InputError
+
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "megamor_tokenizer.json"
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError, ValueError):
     """A tokenizer file is missing, unreadable or inconsistent."""
+
+    kind = "data"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -29,11 +29,11 @@ _EXPORTS = {
     "prepare_dataset": "prepare",
     "BatchLoader": "loader",
     "BlendedDataset": "loader",
-    "DataComponent": "loader",
+    "DataComponent": "spec",
     "collate_samples": "loader",
-    "data_tokenizer_dir": "loader",
+    "data_tokenizer_dir": "spec",
     "open_training_data": "loader",
-    "parse_data_spec": "loader",
+    "parse_data_spec": "spec",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megamor.errors import InputError
+
 MANIFEST_FILE = "manifest.json"
 FORMAT_NAME = "megamor-packed-tokens"
 FORMAT_VERSION = 1
@@ -42,8 +44,10 @@ SHARD_RE = re.compile(r"^shard-\d{6}\.tar$")
 _HASH_CHUNK = 1 << 20
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """A data file (manifest or shard) is missing, corrupt or inconsistent."""
+
+    kind = "data"
 
 
 @dataclass(frozen=True)
