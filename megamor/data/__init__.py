@@ -31,7 +31,6 @@ _EXPORTS = {
     "BlendedDataset": "loader",
     "DataComponent": "spec",
     "collate_samples": "loader",
-    "data_tokenizer_dir": "spec",
     "open_training_data": "loader",
     "parse_data_spec": "spec",
 }

@@ -79,10 +79,6 @@ class Manifest:
     path: Path | None = field(default=None, compare=False)  # where it was loaded from
     prepare: dict[str, Any] | None = None  # `megamor data prepare`: inputs, options, counts
 
-    @property
-    def sample_length(self) -> int:
-        return self.seq_length + 1
-
     def to_json(self) -> dict[str, Any]:
         out = {
             "format": FORMAT_NAME,

@@ -60,8 +60,3 @@ def parse_data_spec(spec: str | Sequence[Any]) -> list[DataComponent]:
     if any(given) and not all(given):
         raise DataError(f"data spec {spec!r}: give a weight to every component or to none")
     return out
-
-
-def data_tokenizer_dir(spec: str | Sequence[Any]) -> Path:
-    """Where the tokenizer of a spec's data lives (its first component's ``tokenizer/``)."""
-    return parse_data_spec(spec)[0].path / "tokenizer"

@@ -138,10 +138,6 @@ def _round_rows(k: int, b: int, multiple: int) -> int:
     return -(-k // step) * step
 
 
-def full_causal_mask(s: int, b: int, device) -> torch.Tensor:
-    return torch.ones(s, s, dtype=torch.bool, device=device).triu(1).view(1, 1, s, s).expand(b, 1, s, s)
-
-
 # ----------------------------------------------------------------------------- aux-loss plumbing
 
 
