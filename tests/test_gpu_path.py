@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, run_ranks
@@ -17,6 +18,7 @@ TINY = ["model.preset=tiny", "model.seq_length=64", "train.micro_batch_size=2",
         "train.log_interval=1"]
 
 
+@pytest.mark.slow
 def test_training_collectives_are_nccl_legal(tmp_path, builtin_root):
     """Step, save, signal, depth map and resume over PP2 with every torch.distributed call
     recorded: no host tensor reaches a collective (NCCL would reject it), and the guard saw
@@ -76,6 +78,7 @@ def test_fusions_follow_device_and_installed_kernels():
     assert {k for k in names if getattr(gpu, k)} == on(fusion_flags("cuda", apex_wgrad_available()))
 
 
+@pytest.mark.slow
 def test_gpu_check_driver_runs_on_cpu(tmp_path, builtin_root):
     """`benchmarks/gpu_check.sh --cpu-smoke`: the GPU check's driver end to end on CPU/gloo
     (train, save, resume in the next run, fp32 reference, figures); on CPU the reference

@@ -203,6 +203,7 @@ def first_batch_loss(model, cfg) -> float:
     return float(torch.stack(losses).mean())
 
 
+@pytest.mark.slow
 def test_up_training_from_an_imported_mor_model(tmp_path, builtin_root, llama8):
     from megamor.config import load_config
     from megamor.inference import build_single_process_model, load_for_inference
