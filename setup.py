@@ -22,6 +22,9 @@ setup(
         "pyyaml",
         "tokenizers>=0.15",
         "webdataset>=0.2.90",
+        # webdataset's indexed shard reader (megamor/data/shard_reader.py); webdataset 1.x no
+        # longer ships it inside its own wheel.
+        "wids>=0.1.11",
         "tqdm",  # `megamor data prepare` progress bar
         # MLflow tracking (megamor/tracking.py; its default store is SQLite, which needs the full
         # package, not mlflow-skinny) and depth-map PNGs (megamor/depth_map.py).

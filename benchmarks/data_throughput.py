@@ -15,15 +15,21 @@ share the cores):
    DataLoader workers per rank;
 3. ``training``: tokens/s of ``megamor pretrain --nproc 2 train.train_steps=N``
    (the tiny MoR preset on the same shards), the median of its per-step
-   ``tokens_per_s`` after the first 5 steps.
+   ``tokens_per_s`` after the first 5 steps;
+4. ``reader``: the shard reader alone, side by side in alternating rounds: megamor's
+   ``ShardedTokenDataset`` (webdataset's indexed reader, wids) against the same class
+   over a hand-written tar-member index (``tarfile`` offsets, ``os.pread``: the reader
+   before issue 20), reading every sample of the quickstart's train split in order, cold
+   (each shard indexed on first use) and warm (a second pass); checksums off in both.
 
-Prints the figures and the ratios loader / training (the requirement: >= 10)
-and prepare-per-worker / training.
+Prints the figures and the ratios loader / training (the requirement: >= 10),
+prepare-per-worker / training, and hand-written / wids reader time.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import multiprocessing as mp
 import os
@@ -31,6 +37,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -116,6 +123,63 @@ def _bench_loader(root: Path, steps: int, workers: int) -> dict:
             "tok_s": tokens / slowest}
 
 
+def _pread_reader_class():
+    """``ShardedTokenDataset`` over a hand-written tar index (the reader before issue 20)."""
+    import numpy as np
+
+    from megamor.data import ShardedTokenDataset
+    from megamor.data.manifest import SAMPLE_EXT
+
+    class Pread:
+        def __init__(self, path: Path, entries: list) -> None:
+            self.fd, self.entries = os.open(path, os.O_RDONLY), entries
+
+        def close(self) -> None:
+            os.close(self.fd)
+
+    class PreadTarReader(ShardedTokenDataset):
+        def _open_shard(self, j):
+            sh, path = self.info.shards[j], self._shard_path(j)
+            first = j * self.info.samples_per_shard
+            want = {"%09d.%s" % (first + k, SAMPLE_EXT): k for k in range(sh.num_samples)}
+            entries = [None] * sh.num_samples
+            with tarfile.open(path, mode="r:") as tf:
+                for member in tf:
+                    if member.isfile() and (k := want.get(member.name)) is not None:
+                        entries[k] = (member.offset_data, member.size)
+            return Pread(path, entries), list(range(sh.num_samples))
+
+        def _read_npy(self, j, k, i, what):
+            h, _ = self._shard(j)
+            offset, size = h.entries[k]
+            return np.load(io.BytesIO(os.pread(h.fd, size, offset)), allow_pickle=False)
+
+    return PreadTarReader
+
+
+def bench_reader(root: Path, repeat: int) -> dict:
+    """Seconds to read the train split in order, cold and warm, per reader (medians)."""
+    from megamor.data import ShardedTokenDataset
+
+    readers = {"wids": ShardedTokenDataset, "hand-written": _pread_reader_class()}
+    times: dict = {name: {"cold": [], "warm": []} for name in readers}
+    for r in range(repeat):
+        for name in (list(readers) if r % 2 == 0 else list(readers)[::-1]):
+            ds = readers[name](root, "train", expect_seq_length=SEQ, verify_checksums=False)
+            for phase in ("cold", "warm"):
+                t0 = time.perf_counter()
+                for i in range(len(ds)):
+                    ds[i]
+                times[name][phase].append(time.perf_counter() - t0)
+            ds.close()
+    out = {"samples": len(ds), "repeat": repeat}
+    for name, t in times.items():
+        out[name] = {phase: statistics.median(v) for phase, v in t.items()}
+    out["hand_written_over_wids"] = {phase: out["hand-written"][phase] / out["wids"][phase]
+                                     for phase in ("cold", "warm")}
+    return out
+
+
 def bench_training(builtin_root: Path, run_dir: Path, steps: int) -> dict:
     cmd = ["megamor", "pretrain", "--nproc", "2", f"train.train_steps={steps}",
            f"run.output_dir={run_dir}", f"data.builtin_root={builtin_root}"]
@@ -146,6 +210,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--repeat", type=int, default=3, help="prepare/loader runs; the median is shown")
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--reader-only", action="store_true", help="only the reader comparison (4.)")
+    ap.add_argument("--reader-repeat", type=int, default=20, help="reader rounds (medians shown)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
 
@@ -157,6 +223,16 @@ def main() -> None:
         tmp = Path(tmp)
         base = tmp / "builtin"
         root = ensure_builtin_dataset(builtin_dataset_root(base, SEQ, VOCAB), SEQ, VOCAB)
+        rd = results["reader"] = bench_reader(root, args.reader_repeat)
+        for phase in ("cold", "warm"):
+            print(f"reader   {phase}: {rd['samples']} samples of {SEQ}+1 tokens: wids "
+                  f"{rd['wids'][phase] * 1e3:.1f} ms, hand-written tar index + pread "
+                  f"{rd['hand-written'][phase] * 1e3:.1f} ms: hand-written / wids = "
+                  f"{rd['hand_written_over_wids'][phase]:.2f}x (median of {rd['repeat']})", flush=True)
+        if args.reader_only:
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+            return
         tok = load_tokenizer(root / "tokenizer")
         corpus = tmp / "corpus.jsonl"
         results["corpus_bytes"] = make_corpus(corpus, args.corpus_mb)

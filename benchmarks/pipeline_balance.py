@@ -51,7 +51,7 @@ def measure(pp: int, steps: int, tmp: Path) -> dict:
 def predicted(result: dict) -> list[float]:
     from megamor.config import load_config
     from megamor.flops import LAYER_OVERHEAD, pipeline_costs
-    from megamor.model.layout import build_plan
+    from megamor.layout import build_plan
 
     cfg = load_config(None, SHAPE)
     m = cfg.model
@@ -70,7 +70,7 @@ def balance(pp: int, steps: int, tmp: Path) -> dict:
 
 
 def format_balance(pp: int, r: dict) -> list[str]:
-    from megamor.model.layout import useful_fraction
+    from megamor.layout import useful_fraction
 
     pred, meas = r["predicted"], r["measured_s"]
     return [f"PP {pp}: layers per stage {[b - a for a, b in r['ranges']]}",
@@ -93,7 +93,7 @@ def layer_overhead(steps: int, tmp: Path) -> dict:
     t = [s["compute_cpu_best"] for s in got["stages"]]
     from megamor.config import load_config
     from megamor.flops import pipeline_costs
-    from megamor.model.layout import build_plan
+    from megamor.layout import build_plan
 
     cfg = load_config(None, SHAPE)
     m = cfg.model

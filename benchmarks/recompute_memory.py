@@ -33,17 +33,11 @@ def measure(overrides: list[str], seq: int, batch: int, vocab: int = 8192) -> di
 
     import torch
 
-    from megamor import parallel
     from megamor.config import load_config
-    from megamor.model import build_stage, padded_vocab_size, transformer_config
-    from megamor.shims import install_cpu_shims, seed_model_parallel_rng
+    from megamor.inference import build_single_process_model
 
-    install_cpu_shims()
-    parallel.initialize(1, 1, torch.device("cpu"))
-    seed_model_parallel_rng(0, 0)
     cfg = load_config(None, [f"model.seq_length={seq}", *overrides]).validate(1)
-    model = build_stage(cfg, transformer_config(cfg, torch.float32), padded_vocab_size(vocab, 64, 1),
-                        0, seed=0)
+    model, _ = build_single_process_model(cfg, vocab, seed=0)
     model.train()
     ids = torch.randint(0, vocab, (batch, seq))
     seen: dict[int, int] = {}

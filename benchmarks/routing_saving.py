@@ -18,8 +18,7 @@ import torch
 
 from megamor import parallel
 from megamor.config import load_config
-from megamor.model import build_stage, padded_vocab_size, transformer_config
-from megamor.shims import install_cpu_shims, seed_model_parallel_rng
+from megamor.inference import build_single_process_model
 
 from step_speed import KINDS as STEP_KINDS
 
@@ -33,14 +32,11 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--preset", default="tiny-wide")
     args = ap.parse_args()
-    install_cpu_shims()
-    parallel.initialize(1, 1, torch.device("cpu"))
-    seed_model_parallel_rng(0, 0)
     vocab = 1024
     models = {}
     for kind, ov in KINDS.items():
         cfg = load_config(None, [f"model.preset={args.preset}", f"model.seq_length={args.seq}", *ov]).validate(1)
-        models[kind] = build_stage(cfg, transformer_config(cfg, torch.float32), padded_vocab_size(vocab, 64, 1), 0, seed=0)
+        models[kind] = build_single_process_model(cfg, vocab, seed=0)[0]
         models[kind].train()
     tokens = torch.randint(0, vocab, (args.batch, args.seq))
     times = {k: [] for k in models}

@@ -26,8 +26,8 @@ import torch
 from megamor import parallel
 from megamor.config import load_config
 from megamor.flops import flops_per_step, measure_cpu_peak_flops
-from megamor.model import build_stage, padded_vocab_size, transformer_config
-from megamor.shims import install_cpu_shims, seed_model_parallel_rng
+from megamor.inference import build_single_process_model
+from megamor.model import padded_vocab_size
 
 KINDS = {
     "vanilla": ["model.arch=vanilla"],
@@ -48,8 +48,7 @@ def shape(args, nr: int, seq: int) -> list[str]:
 
 def build(over: list[str], vocab: int):
     cfg = load_config(None, over).validate(1)
-    model = build_stage(cfg, transformer_config(cfg, torch.float32), padded_vocab_size(vocab, 64, 1),
-                        0, seed=0)
+    model, _ = build_single_process_model(cfg, vocab, seed=0)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=False)
     return cfg, model, opt
@@ -66,7 +65,8 @@ def step(model, opt, ids) -> None:
 def step_flops(cfg, model, seq: int, batch: int, vocab: int) -> float:
     """Model FLOPs of the step `model` just took (FLOPs model, at the tokens each layer processed)."""
     tokens = [model.token_counts.get(i, 0.0) for i in range(len(model.plan.layers))]
-    return flops_per_step(cfg.model, model.plan, tokens, seq, batch, padded_vocab_size(vocab, 64, 1),
+    return flops_per_step(cfg.model, model.plan, tokens, seq, batch,
+                          padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, 1),
                           cfg.routing)["total"]
 
 
@@ -118,9 +118,6 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args()
-    install_cpu_shims()
-    parallel.initialize(1, 1, torch.device("cpu"))
-    seed_model_parallel_rng(0, 0)
     peak = measure_cpu_peak_flops(size=2048)
     print(f"fp32 matmul peak (2048^3, {torch.get_num_threads()} threads): {peak / 1e9:.0f} GFLOP/s")
     for nr in [int(x) for x in args.nr.split(",")]:

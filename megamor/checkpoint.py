@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megamor.errors import InputError
 from megamor.lifecycle import EXIT_PREEMPTED  # noqa: F401 (re-exported)
 
 META = "megamor.json"
@@ -43,8 +44,10 @@ OPTIMIZER_FORMAT = {
 }
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
+
+    kind = "checkpoint"
 
 
 def atomic_write(path: Path, text: str) -> None:

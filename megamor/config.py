@@ -17,11 +17,14 @@ from typing import Any, Optional
 
 import yaml
 
+from megamor.errors import InputError
 from megamor.presets import MODEL_PRESETS
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A configuration that cannot run; the message names the option and the fix."""
+
+    kind = "config"
 
 
 ARCHS = ("vanilla", "recursive", "mor")
@@ -523,7 +526,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"train.lr={t.lr} / train.min_lr={t.min_lr}: need 0 <= min_lr <= lr")
     _choice(cfg.data.on_corrupt, ("error", "skip"), "data.on_corrupt")
     if cfg.data.path != "builtin":
-        from megamor.data import parse_data_spec
+        from megamor.data.spec import parse_data_spec
         try:
             parse_data_spec(cfg.data.path)
         except ValueError as e:

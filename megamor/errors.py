@@ -13,6 +13,12 @@ one rank per distinct error: ranks of one launch claim the error's line with a f
 exclusively under `<output_dir>/logs/.claims/` (rank 0 alone when that directory cannot be
 written). A rank whose error is only the consequence of another rank's exit (a closed
 connection in a collective) prints nothing when another rank has reported.
+
+An error's kind is a class attribute: `InputError` (bad input: config, data, tokenizer,
+checkpoint, output directory) is the base of megamor's input errors, each naming its `kind`
+(`megamor.config.ConfigError`, `megamor.data.DataError`, `tokenizer.TokenizerError`,
+`megamor.checkpoint.CheckpointError`, `megamor.preflight.PreflightError`). This module imports
+nothing from megamor, so every module may import it.
 """
 
 from __future__ import annotations
@@ -31,32 +37,24 @@ _PEER_GONE = ("connection closed", "connection reset", "broken pipe", "connectio
               "socket closed", "nccl communicator was aborted", "watchdog caught collective")
 
 
-def error_kind(exc: BaseException) -> str:
-    """`config`, `data`, `checkpoint`, `output` or `training` (anything else)."""
-    from megamor.config import ConfigError
+class InputError(Exception):
+    """Bad input, as opposed to a bug or a failure during training; subclasses set `kind`, the
+    word of their one-line report (`megamor: <kind> error: ...`)."""
 
+    kind = "input"
+
+
+def error_kind(exc: BaseException) -> str:
+    """`config`, `data`, `checkpoint`, `output` or `training` (anything else): the exception's
+    `kind` (the class attribute of an `InputError`)."""
     kind = getattr(exc, "kind", None)
-    if isinstance(kind, str):
-        return kind
-    if isinstance(exc, ConfigError):
-        return "config"
-    names = {c.__name__ for c in type(exc).__mro__}
-    if names & {"DataError", "TokenizerError"}:
-        return "data"
-    if "CheckpointError" in names:
-        return "checkpoint"
-    return "training"
+    return kind if isinstance(kind, str) else "training"
 
 
 def input_errors() -> tuple[type, ...]:
     """The exception types that mean bad input (config, data, tokenizer, checkpoint, output
     directory), as opposed to a bug or a failure during training."""
-    from megamor.checkpoint import CheckpointError
-    from megamor.config import ConfigError
-    from megamor.data import DataError
-    from megamor.preflight import PreflightError
-    from tokenizer import TokenizerError
-    return ConfigError, DataError, TokenizerError, CheckpointError, PreflightError
+    return (InputError,)
 
 
 def one_line(exc: BaseException) -> str:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import time
 from typing import NamedTuple, Optional
 
-from megamor.model.layout import Plan
+from megamor.layout import Plan
 
 # Dense peak FLOP/s per device (NVIDIA datasheets, without structured sparsity).
 PEAK_FLOPS: dict[str, dict[str, float]] = {
@@ -234,9 +234,9 @@ def pipeline_costs(model_cfg, plan: Plan, seq_length: int, vocab_size: int, rout
     charged for the causal pairs only: both backends run fused causal kernels (torch SDPA,
     Transformer Engine) that skip the masked half. Checked against measured per-stage CPU time
     (tests/test_planner.py, benchmarks/pipeline_balance.py). Returns a
-    `megamor.model.layout.StageCosts`, the input of `balanced_cut` / `stage_ranges`.
+    `megamor.layout.StageCosts`, the input of `balanced_cut` / `stage_ranges`.
     """
-    from megamor.model.layout import StageCosts
+    from megamor.layout import StageCosts
 
     o = layer_overhead if isinstance(layer_overhead, LayerOverhead) else LayerOverhead(layer_overhead)
     fl = flops_per_step(model_cfg, plan, expected_layer_tokens(plan, seq_length), seq_length, 1,

@@ -10,26 +10,40 @@ import torch
 from megamor.checkpoint import CheckpointError, check_model_shape, read_meta, resolve_resume, verify_files
 
 
-def build_single_process_model(cfg, vocab_size: int):
-    """-> (one-stage megatron model of `cfg` at TP = PP = DP = 1 in a world of one process, its
-    padded vocabulary). Always the local (torch) layer spec: its parameter names are what the
-    Hugging Face conversions map, and checkpoints load into it whatever backend saved them."""
+def build_single_process_model(cfg, vocab_size: int, *, seed: int | None = None,
+                               dtype: torch.dtype = torch.float32, fp8: bool = False,
+                               local_backend: bool = True):
+    """The single-process model recipe, used by inference, export, tests and benchmarks:
+    -> (one-stage megatron model of `cfg` at TP = PP = DP = 1, its padded vocabulary).
+
+    Installs the CPU shims, starts a world of one process unless one is running, seeds megatron's
+    RNG streams and builds the stage with `seed` (default `train.seed`), the vocabulary padded to
+    `model.make_vocab_size_divisible_by`. `local_backend` (default): the local (torch) layer spec,
+    whose parameter names the Hugging Face conversions map and into which checkpoints load
+    whatever backend saved them; False keeps `model.backend`. `dtype`/`fp8`: the
+    TransformerConfig's precision (an FP8 run's config changes what runs around the layers)."""
     import copy
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
 
     from megamor import parallel
     from megamor.model import build_stage, padded_vocab_size, transformer_config
     from megamor.shims import install_cpu_shims, seed_model_parallel_rng
 
+    seed = cfg.train.seed if seed is None else seed
     one = copy.deepcopy(cfg)
     p = one.parallel
     p.tensor_model_parallel_size = p.pipeline_model_parallel_size = p.data_parallel_size = 1
     p.pipeline_layers, p.sequence_parallel = None, False
-    one.model.backend = "local"
+    if local_backend:
+        one.model.backend = "local"
     install_cpu_shims()
-    parallel.initialize(1, 1, torch.device("cpu"))
-    seed_model_parallel_rng(cfg.train.seed, 0)
+    if not (parallel_state.model_parallel_is_initialized() and dist.get_world_size() == 1):
+        parallel.initialize(1, 1, torch.device("cpu"))
+    seed_model_parallel_rng(seed, 0)
     vocab = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by, 1)
-    return build_stage(one, transformer_config(one, torch.float32), vocab, 0, cfg.train.seed), vocab
+    return build_stage(one, transformer_config(one, dtype, fp8=fp8), vocab, 0, seed), vocab
 
 
 def load_for_inference(path: str | Path):

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mps
 
-from megamor.model.layout import Plan
+from megamor.layout import Plan
 
 
 @dataclass

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from megamor.config import Config, ConfigError, load_config
 from megamor.flops import expected_layer_tokens, flops_per_step, layer_matmul_params, pipeline_costs
-from megamor.model.layout import build_plan, stage_ranges, useful_fraction
+from megamor.layout import build_plan, stage_ranges, useful_fraction
 
 ENGINES = ("megatron", "zero1", "zero2", "zero3")
 RECOMPUTE = ("none", "selective", "full")

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Optional
 
 from megamor.config import Config
+from megamor.errors import InputError
 
 
-class PreflightError(RuntimeError):
+class PreflightError(InputError, RuntimeError):
     """A run that cannot start; `kind` is the error line's kind (`output`)."""
 
     def __init__(self, kind: str, message: str):

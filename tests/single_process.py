@@ -11,7 +11,7 @@ warnings.filterwarnings("ignore")
 
 from megamor import parallel
 from megamor.config import load_config
-from megamor.model import build_stage, padded_vocab_size, transformer_config
+from megamor.inference import build_single_process_model
 from megamor.shims import install_cpu_shims, seed_model_parallel_rng
 
 SEQ, BATCH, VOCAB = 48, 3, 256
@@ -31,8 +31,8 @@ def make_model(*overrides, fp8=False, dtype=torch.float32):
     FP8 run, which on CPU changes what runs around the layers, not their arithmetic; `dtype`:
     the parameters' dtype, bf16 for a stage that megamor.precision.wrap_for_precision wraps)."""
     cfg = load_config(None, ["model.preset=tiny", f"model.seq_length={SEQ}", *overrides]).validate(1)
-    tcfg = transformer_config(cfg, dtype, fp8=fp8)
-    return build_stage(cfg, tcfg, padded_vocab_size(VOCAB, 64, 1), 0, seed=7)
+    return build_single_process_model(cfg, VOCAB, seed=7, dtype=dtype, fp8=fp8,
+                                      local_backend=False)[0]
 
 
 def tokens(seed=0):

@@ -16,6 +16,8 @@ import torch
 
 from megamor.checkpoint import CheckpointError, find_latest, read_tensors, resolve_resume
 
+pytestmark = pytest.mark.slow  # multi-rank training runs, stop/resume, kills
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["model.preset=tiny", "model.seq_length=64", "train.global_batch_size=8",
           "train.warmup_steps=1", "train.log_interval=1", "checkpoint.keep_last=10"]

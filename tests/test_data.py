@@ -14,13 +14,15 @@ import torch
 from megamor.data import (
     DataError,
     GlobalBatchSampler,
+    PackedSplitWriter,
     ShardedTokenDataset,
     builtin_corpus,
     ensure_builtin_dataset,
     get_batch,
     load_manifest,
-    prepare_shards,
+    prepare_dataset,
 )
+from megamor.data.shard_writer import commit_manifest
 from tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_bpe
 
 SEQ = 32
@@ -42,10 +44,18 @@ def small_docs(corpus) -> list[str]:
     return corpus[0][:8]
 
 
+def _prepare(docs: list[str], tok: Tokenizer, out: Path, seq: int = SEQ):
+    """`megamor data prepare` of `docs` (one .jsonl file beside `out`), train split only."""
+    src = out.parent / f"docs-{len(docs)}.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return prepare_dataset([src], tok, seq, out, samples_per_shard=64, val_fraction=0.0,
+                           progress=False)
+
+
 @pytest.fixture()
 def data_dir(tmp_path: Path, tok: Tokenizer, small_docs: list[str]) -> Path:
     out = tmp_path / "data"
-    prepare_shards(small_docs, tok, SEQ, out, samples_per_shard=64)
+    _prepare(small_docs, tok, out)
     return out
 
 
@@ -118,14 +128,14 @@ def test_roundtrip_shards(data_dir, tok, small_docs):
 def test_prepare_idempotent_and_deterministic(tmp_path, data_dir, tok, small_docs):
     first = _all_bytes(data_dir)
     mtime = (data_dir / "manifest.json").stat().st_mtime_ns
-    prepare_shards(small_docs, tok, SEQ, data_dir, samples_per_shard=64)  # skip path
+    assert _prepare(small_docs, tok, data_dir).up_to_date  # skip path
     assert (data_dir / "manifest.json").stat().st_mtime_ns == mtime
     assert _all_bytes(data_dir) == first
     other = tmp_path / "other"
-    prepare_shards(small_docs, tok, SEQ, other, samples_per_shard=64)  # fresh write
+    _prepare(small_docs, tok, other)  # fresh write
     assert _all_bytes(other) == first
     # A changed input rewrites the split and removes stale shards.
-    prepare_shards(small_docs[:2], tok, SEQ, data_dir, samples_per_shard=64)
+    _prepare(small_docs[:2], tok, data_dir)
     m = load_manifest(data_dir)
     assert sorted(p.name for p in (data_dir / "train").iterdir()) == \
         [Path(s.file).name for s in m.splits["train"].shards]
@@ -133,12 +143,17 @@ def test_prepare_idempotent_and_deterministic(tmp_path, data_dir, tok, small_doc
 
 
 def test_multiple_splits_share_manifest(data_dir, tok, corpus):
-    prepare_shards(corpus[1], tok, SEQ, data_dir, samples_per_shard=64, split_name="val")
+    # Another split written beside `train` the way `megamor data prepare` writes each split.
+    writer = PackedSplitWriter(data_dir, "extra", SEQ, 64, tok.eos_id)
+    docs = tok.encode_batch(corpus[1])
+    writer.add_documents(np.concatenate([np.asarray(d, dtype=np.int32) for d in docs]),
+                         [len(d) for d in docs])
+    commit_manifest(data_dir, load_manifest(data_dir), {"extra": writer.finish("src")}, tok, SEQ)
     m = load_manifest(data_dir)
-    assert set(m.splits) == {"train", "val"}
-    assert len(ShardedTokenDataset(data_dir, "val")) == m.splits["val"].num_samples > 0
+    assert set(m.splits) == {"train", "extra"}
+    assert len(ShardedTokenDataset(data_dir, "extra")) == m.splits["extra"].num_samples > 0
     with pytest.raises(DataError, match="fresh out_dir"):
-        prepare_shards(corpus[1], tok, SEQ * 2, data_dir, split_name="val2")
+        _prepare(corpus[1], tok, data_dir, seq=SEQ * 2)
     with pytest.raises(DataError, match="no split 'test'"):
         ShardedTokenDataset(data_dir, "test")
 

@@ -42,6 +42,7 @@ def close(a, b, rel=1e-6):
     return all(abs(x - y) <= rel * abs(y) for x, y in zip(a, b)) and len(a) == len(b)
 
 
+@pytest.mark.slow
 def test_zero_stages_reproduce_the_megatron_engine(runs):
     _, r = runs
     for z, kinds in RUNS.items():
@@ -52,6 +53,7 @@ def test_zero_stages_reproduce_the_megatron_engine(runs):
             assert close(r[f"zero{z}/{kind}"]["grad_norm"], r[f"reference/{kind}"]["grad_norm"], 1e-5)
 
 
+@pytest.mark.slow
 def test_stop_and_resume_continues_identically(runs):
     _, r = runs
     for z in (2, 3):
@@ -59,6 +61,7 @@ def test_stop_and_resume_continues_identically(runs):
         assert len(full) == 4 and resumed == full[2:], (z, full, resumed)
 
 
+@pytest.mark.slow
 def test_offload_reaches_deepspeed_and_trains(runs):
     _, r = runs
     ref = r["reference/mor_ec"]["loss"]
@@ -72,6 +75,7 @@ def test_offload_reaches_deepspeed_and_trains(runs):
         assert run["loss"][0] == ref[0] and close(run["loss"], ref)
 
 
+@pytest.mark.slow
 def test_zero3_gathers_the_shared_block_once_per_loop(runs):
     """Bytes of the shared block's weights all-gathered per step (per rank), DeepSpeed releasing
     after every use: its per-module fetch gathers the block at each of the N_r recursion steps
@@ -93,6 +97,7 @@ def test_zero3_gathers_the_shared_block_once_per_loop(runs):
     assert once["loss"] == naive["loss"]  # holding changes traffic, not numbers
 
 
+@pytest.mark.slow
 def test_weights_move_between_engines(runs):
     _, r = runs
     ds, meg = torch.tensor(r["logits"]), torch.tensor(r["reference/mor_ec"]["logits"])
@@ -104,6 +109,7 @@ def test_weights_move_between_engines(runs):
     assert msg and "parallel.engine=deepspeed" in msg and "checkpoint.init_from=" in msg
 
 
+@pytest.mark.slow
 def test_deepspeed_checkpoint_exports_to_hf_with_the_training_logits(runs, tmp_path):
     transformers = pytest.importorskip("transformers")
     root, r = runs

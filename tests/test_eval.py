@@ -71,6 +71,7 @@ def _eval(ckpt, out: Path, *extra) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_perplexity_equals_independent_cross_entropy(mor_ckpt, tmp_path, capsys):
     from megamor.data import ShardedTokenDataset
     from megamor.inference import load_for_inference
@@ -198,6 +199,7 @@ def tiny_llama(tmp_path_factory):
 
 
 @needs_lm_eval
+@pytest.mark.slow
 def test_lm_eval_on_a_hugging_face_model(tiny_llama, tmp_path):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -214,6 +216,7 @@ def test_lm_eval_on_a_hugging_face_model(tiny_llama, tmp_path):
 
 
 @needs_lm_eval
+@pytest.mark.slow
 def test_lm_eval_on_an_exported_mor_checkpoint(mor_ckpt, tmp_path):
     """The MoR export (remote code) through lm_eval; its log-probs are the megatron checkpoint's own
     under threshold routing."""
@@ -251,6 +254,7 @@ def _fails(argv, *needles) -> str:
     return msg
 
 
+@pytest.mark.slow
 def test_errors_are_clear(mor_ckpt, tmp_path, monkeypatch):
     for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(k, "1")  # what the command would set, undone after the test

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, run_ranks
@@ -17,6 +18,7 @@ TINY = ["model.preset=tiny", "model.seq_length=64", "train.micro_batch_size=2",
         "train.log_interval=1"]
 
 
+@pytest.mark.slow
 def test_training_collectives_are_nccl_legal(tmp_path, builtin_root):
     """Step, save, signal, depth map and resume over PP2 with every torch.distributed call
     recorded: no host tensor reaches a collective (NCCL would reject it), and the guard saw
@@ -84,6 +86,7 @@ def test_fusions_follow_device_and_installed_kernels():
     assert transformer_config(cfg, torch.bfloat16, device_type="cuda").cross_entropy_loss_fusion
 
 
+@pytest.mark.slow
 def test_gpu_check_driver_runs_on_cpu(tmp_path, builtin_root):
     """`benchmarks/gpu_check.sh --cpu-smoke`: the GPU check's driver end to end on CPU/gloo, in
     bf16 (Float16Module, distributed optimizer) over a multi-backend default group

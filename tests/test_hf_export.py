@@ -26,6 +26,8 @@ from megamor.checkpoint import CheckpointError  # noqa: E402
 from megamor.hf.export import ExportError, export_checkpoint  # noqa: E402
 from megamor.inference import load_for_inference  # noqa: E402
 
+pytestmark = pytest.mark.slow  # exports of a 4-rank training of every kind
+
 KINDS = {
     "vanilla": "tp2pp2", "recursive": "tp2pp2", "mor_ec": "tp2pp2", "mor_tc": "tp2pp2",
     "mor_ec_auxrouter": "tp2pp2", "mor_ec_kvshare": "tp2dp2", "mor_tc_free_kvshare": "tp2dp2",

@@ -7,7 +7,7 @@ import torch
 
 warnings.filterwarnings("ignore")
 
-from megamor.model.layout import balanced_cut, build_plan
+from megamor.layout import balanced_cut, build_plan
 from megamor.model.routing import ActiveSet, ExpertChoiceRouter
 from single_process import BATCH, SEQ, make_model, tokens, world_of_one  # noqa: F401 (fixture)
 
@@ -186,8 +186,9 @@ def _masked_layers(model, layers, x, active):
     allowed = causal.unsqueeze(0) & active.t().unsqueeze(1)  # [b, q, k]: earlier active keys
     allowed |= torch.eye(s, dtype=torch.bool).unsqueeze(0)  # inactive queries: self only
     mask = (~allowed).unsqueeze(1)
-    from megamor.model.routing import rope_freqs
-    rope = rope_freqs(torch.arange(s), model.mcfg.head_dim, model.mcfg.rotary_base)
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    rope = RotaryEmbedding(model.mcfg.head_dim, 1.0, rotary_base=model.mcfg.rotary_base,
+                           use_cpu_initialization=True)(s)  # megatron's own RoPE path
     for l in layers:
         x = model.layers[str(l.unique)](hidden_states=x, attention_mask=mask, rotary_pos_emb=rope)[0]
     return x

@@ -117,6 +117,7 @@ def _client(root: Path, name: str):
     return client, run
 
 
+@pytest.mark.slow
 def test_pipeline_depth_maps_match_the_checkpoint(launch, tmp_path):
     import matplotlib.image as mpimg
 
@@ -151,6 +152,7 @@ def test_pipeline_depth_maps_match_the_checkpoint(launch, tmp_path):
     assert "WARNING" not in logs["maps"]  # a healthy run warns of nothing
 
 
+@pytest.mark.slow
 def test_depth_maps_do_not_change_training(launch):
     root, hist, _ = launch
     assert not (root / "plain" / "depth_maps").exists()
@@ -159,6 +161,7 @@ def test_depth_maps_do_not_change_training(launch):
         assert a["layer_tokens"] == b["layer_tokens"]
 
 
+@pytest.mark.slow
 def test_dead_token_windows_and_console_line(launch):
     root, hist, logs = launch
     h = {m["step"]: m for m in hist["maps"]}
@@ -177,6 +180,7 @@ def test_dead_token_windows_and_console_line(launch):
         assert len(line) < 160, line
 
 
+@pytest.mark.slow
 def test_collapsing_router_warns_in_log_and_mlflow(launch):
     root, hist, logs = launch
     warnings = [l for l in logs["collapse"].splitlines() if l.startswith("WARNING: ")]

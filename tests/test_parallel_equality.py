@@ -12,6 +12,8 @@ import pytest
 
 from conftest import run_kinds
 
+pytestmark = pytest.mark.slow  # 4- and 8-rank training against a single-process reference
+
 STEPS = ["train.train_steps=3", "train.global_batch_size=8"]
 MAIN_KINDS = ["vanilla", "recursive", "mor_ec", "mor_tc"]
 EXTRA_KINDS = ["mor_ec_kvshare", "mor_ec_auxrouter", "mor_tc_free", "recursive_seq"]

@@ -16,7 +16,7 @@ from conftest import run_ranks
 from megamor.cli import main as cli_main
 from megamor.config import load_config
 from megamor.flops import LAYER_OVERHEAD, pipeline_costs
-from megamor.model.layout import (StageCosts, balanced_cut, build_plan, circular_loads,
+from megamor.layout import (StageCosts, balanced_cut, build_plan, circular_loads,
                                   stage_ranges, useful_fraction)
 from megamor.planner import Cluster, Layout, predict, rank
 
@@ -85,6 +85,7 @@ def test_explicit_cut_is_honoured_and_costs_count_everything():
 # ----------------------------------------------------------------------------- measurements
 
 
+@pytest.mark.slow
 def test_trainer_runs_the_cost_balanced_cut_at_pp2(tmp_path, builtin_root):
     """A 2-stage expert-choice run: the trainer runs the cut the cost model chose, and every
     layer processed the tokens the cost model charged it for. (Predicted against measured
@@ -105,6 +106,7 @@ def test_trainer_runs_the_cost_balanced_cut_at_pp2(tmp_path, builtin_root):
     assert got["layer_tokens"] == [t * 8 for t in expected_layer_tokens(plan, 256)]
 
 
+@pytest.mark.slow
 def test_planner_memory_matches_measured_rss(tmp_path, builtin_root):
     """Peak RSS a tiny fp32 run adds on one CPU process, against the planner, within 15%."""
     shape = ["model.preset=tiny", "model.seq_length=512", "train.micro_batch_size=16",

@@ -113,6 +113,7 @@ def test_inputs_are_checked_before_any_rank_starts(tmp_path, capsys, one_shard_d
     assert rc == 0 and "preflight ok" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_error_inside_ranks_is_one_line(tmp_path, one_shard_data):
     """A shard whose bytes changed but not its size passes the pre-start checks; both ranks
     then fail on its checksum: one `megamor: data error:` line, no traceback, exit 1."""
@@ -154,6 +155,7 @@ def _wsd_lr(n: float, lr: float, steps: int, gbs: int = 8, warmup: int = 1, frac
     return lr * (1 - (n - (total - decay)) / decay) if n <= total else 0.0
 
 
+@pytest.mark.slow
 def test_schedule_follows_the_config_on_resume(tmp_path, builtin_root, capsys):
     """One launch of 2 ranks runs, at TP1 x PP2 x DP1: `long` (9 steps), `short` (6 steps, saved
     at 3 and 6), `extended` (short's step-3 checkpoint resumed with train_steps=9: must equal

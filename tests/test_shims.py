@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # 12 interpreters, each importing megatron
+
 CASES = {
     # literal device="cuda" bookkeeping tensors (optimizer flags, pipeline token counts)
     "device": "from megatron.core.optimizer.grad_scaler import ConstantGradScaler; ConstantGradScaler(1.0)",

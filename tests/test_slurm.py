@@ -276,6 +276,7 @@ def _last(metrics: Path) -> dict:
 
 
 @pytest.mark.parametrize("size", SCRIPTS)
+@pytest.mark.slow
 def test_sbatch_test_only_accepts_scripts(cluster, size):
     """slurmctld judges each script's headers against simulated 8 x H100 nodes."""
     p = subprocess.run(["sbatch", "--test-only", "--partition=h100",
@@ -288,6 +289,7 @@ def test_sbatch_test_only_accepts_scripts(cluster, size):
 
 
 @pytest.mark.parametrize("size", SCRIPTS)
+@pytest.mark.slow
 def test_script_layout_fits_its_allocation(cluster, size, tmp_path):
     """The default layout of each script passes the preflight for its own node count. The
     default output directory is runs/<job name> (a new sbatch resumes), or with
@@ -337,6 +339,7 @@ def uninterrupted(cluster, tmp_path_factory, data_root):
     return tmp, j
 
 
+@pytest.mark.slow
 def test_sbatch_cpu_job_end_to_end(uninterrupted):
     tmp, j = uninterrupted
     log = (tmp / "job.out").read_text()
@@ -347,6 +350,7 @@ def test_sbatch_cpu_job_end_to_end(uninterrupted):
     assert (tmp / "run" / "checkpoints" / f"step_{STEPS:08d}" / "megamor.json").is_file()
 
 
+@pytest.mark.slow
 def test_preempt_requeue_resume_same_loss(uninterrupted, tmp_path, data_root):
     """USR1 to the batch shell after periodic checkpoints (Slurm signals every process of the
     step, megatron's checkpoint helpers included) -> ranks checkpoint and exit 75 -> scontrol
@@ -365,9 +369,9 @@ def test_preempt_requeue_resume_same_loss(uninterrupted, tmp_path, data_root):
                                             f"run.hang_timeout={hang}",
                                             f"data.builtin_root={data_root}"])
     metrics = tmp_path / "run" / "metrics.jsonl"
-    t0 = time.time()
+    deadline = time.time() + 900  # a hang guard, not a speed bound
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
-        assert time.time() - t0 < 180, f"job {jid} never trained: {_job(jid)}"
+        assert time.time() < deadline, f"job {jid} never trained: {_job(jid)}"
         assert _job(jid).get("JobState") in ("PENDING", "RUNNING"), _job(jid)
         time.sleep(0.2)
     assert (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir()
@@ -431,6 +435,7 @@ def test_preempt_requeue_resume_same_loss(uninterrupted, tmp_path, data_root):
     assert got["loss"] == ref["loss"], (got["loss"], ref["loss"])
 
 
+@pytest.mark.slow
 def test_sbatch_bad_layout_fails_before_srun(cluster, tmp_path, data_root):
     env = _cpu_env(tmp_path, tmp_path / "run", tmp_path / "job.out", MEGAMOR_PP="4")
     jid = _submit(env, "pretrain_135m.sh", [*TINY, f"data.builtin_root={data_root}"])
@@ -480,6 +485,7 @@ def two_hosts(cluster):
         shutil.rmtree(Path("/etc/netns") / n, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_hosts_over_veth(two_hosts, tmp_path, data_root):
     """Rank 0 in namespace a, rank 1 in namespace b: the rendezvous address comes from the node
     list (host a resolved through that namespace's hosts file), gloo talks over the veth link."""

@@ -18,13 +18,17 @@ from typing import Iterable, Sequence
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from megamor.errors import InputError
+
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "megamor_tokenizer.json"
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError, ValueError):
     """A tokenizer file is missing, unreadable or inconsistent."""
+
+    kind = "data"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -45,7 +49,7 @@ class Tokenizer:
     """Thin wrapper around ``tokenizers.Tokenizer`` with EOS/PAD ids and a fingerprint.
 
     ``encode`` never adds special tokens; document boundaries are the caller's
-    business (see ``megamor.data.shards``). Note that the literal text of a
+    business (see ``megamor.data.shard_writer``). Note that the literal text of a
     special token inside an input string is encoded as that special token.
     """
 

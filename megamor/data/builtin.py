@@ -10,7 +10,7 @@ from pathlib import Path
 
 from megamor.data.corpus import builtin_corpus
 from megamor.data.prepare import prepare_dataset
-from megamor.data.shards import MANIFEST_FILE, DataError, load_manifest
+from megamor.data.manifest import MANIFEST_FILE, DataError, load_manifest
 from megamor.data.sources import BUILTIN
 from tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_bpe
 

@@ -35,7 +35,7 @@ def _add_reading_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_tokenizer_train(args: Any) -> int:
-    from megamor.data.shards import DataError
+    from megamor.data.manifest import DataError
     from megamor.data.sources import Counts, iter_documents
     from tokenizer import TokenizerError, train_bpe
 
@@ -100,7 +100,7 @@ def cmd_tokenizer_info(args: Any) -> int:
 
 def cmd_data_prepare(args: Any) -> int:
     from megamor.data.prepare import TOKENIZER_DIR, prepare_dataset
-    from megamor.data.shards import DataError
+    from megamor.data.manifest import DataError
     from megamor.data.sources import iter_documents
     from tokenizer import TokenizerError, load_tokenizer, train_bpe
 
@@ -130,7 +130,8 @@ def cmd_data_prepare(args: Any) -> int:
 
 def cmd_data_inspect(args: Any) -> int:
     from megamor.data.loader import BlendedDataset, open_training_data, parse_data_spec
-    from megamor.data.shards import DataError, ShardedTokenDataset, load_manifest
+    from megamor.data.manifest import DataError, load_manifest
+    from megamor.data.shard_reader import ShardedTokenDataset
     from tokenizer import TokenizerError, load_tokenizer
 
     try:
@@ -155,7 +156,7 @@ def cmd_data_inspect(args: Any) -> int:
                     ds = ShardedTokenDataset(c.path, name)
                     for j, sh in enumerate(ds.info.shards):
                         try:
-                            ds._build_index(j)
+                            ds.verify_shard(j)
                             status = "ok"
                         except DataError as e:
                             failures += 1

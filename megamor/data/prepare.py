@@ -30,17 +30,19 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from megamor.data.shards import (
+from megamor.data.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_FILE,
     DataError,
     Manifest,
+    load_manifest,
+)
+from megamor.data.shard_writer import (
     PackedSplitWriter,
     check_compatible,
     commit_manifest,
     invalidate_splits,
-    load_manifest,
     split_is_current,
 )
 from megamor.data.sources import (

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Sequence
 
-from megamor.data.shards import DataError
+from megamor.data.manifest import DataError
 
 TXT_MODES = ("file", "line", "paragraph")
 TEXT_SUFFIXES = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}

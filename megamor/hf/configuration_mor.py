@@ -44,6 +44,8 @@ class MoRConfig(PretrainedConfig):
         gate_every_step: bool = False,
         tie_word_embeddings: bool = True,
         use_cache: bool = True,
+        hidden_act: str = "silu",
+        mlp_bias: bool = False,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -73,6 +75,9 @@ class MoRConfig(PretrainedConfig):
         self.kv_sharing = kv_sharing
         self.gate_every_step = gate_every_step
         self.use_cache = use_cache
+        # transformers' LlamaMLP reads these (megamor's MLP: SwiGLU, no bias).
+        self.hidden_act = hidden_act
+        self.mlp_bias = mlp_bias
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self._check()
 

@@ -9,7 +9,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megamor.config import Config
 from megamor.kernels import apex_wgrad_available, fusion_flags
-from megamor.model.layout import Plan, build_plan, copy_index, stage_ranges
+from megamor.layout import Plan, build_plan, copy_index, stage_ranges
 from megamor.model.mor_model import MoRModel
 from megamor.model.specs import resolve_backend, spec_for_run
 

@@ -21,27 +21,38 @@ Under Transformer Engine the same slot holds `TEDotProductAttention` (flash / cu
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 
+@functools.lru_cache(maxsize=None)
+def inverse_frequencies(head_dim: int, base: float, on_gpu: bool = False) -> torch.Tensor:
+    """RoPE's inverse frequencies [d/2], from megatron's `RotaryEmbedding` (computed on the
+    current CUDA device when `on_gpu`, as megatron does, else on the CPU)."""
+    return RotaryEmbedding(kv_channels=head_dim, rotary_percent=1.0, rotary_base=base,
+                           use_cpu_initialization=not on_gpu).inv_freq
+
+
 class Rotary:
     """RoPE at given positions, cos/sin computed once and shared by every layer (and recursion
-    step) that attends over the same token set. megatron's non-interleaved (rotate-half) layout,
-    as `megamor.model.routing.rope_freqs`, whose angles repeat over the two halves: only one half
-    is kept."""
+    step) that attends over the same token set. The frequencies are megatron's `RotaryEmbedding`'s;
+    megatron's apply path (`apply_rotary_pos_emb`) takes contiguous positions and recomputes
+    cos/sin in every layer, while a gathered token set has arbitrary positions and its layers
+    share them (benchmarks/rope.py measures the two; docs/performance.md). Non-interleaved
+    (rotate-half) layout, whose angles repeat over the two halves: only one half is kept."""
 
     def __init__(self, positions: torch.Tensor, head_dim: int, base: float):
         """positions [s] (shared by the batch), [k, b] (per sequence) or [t, 1] (packed)."""
-        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
-                                           device=positions.device) / head_dim))
+        inv = inverse_frequencies(head_dim, base, positions.device.type == "cuda").to(positions.device)
         ang = positions.to(torch.float32).unsqueeze(-1) * inv  # [..., d/2]
         ang = ang[:, None, None, :] if positions.dim() == 1 else ang[:, :, None, :]
         self.cos, self.sin = ang.cos(), ang.sin()

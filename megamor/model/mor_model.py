@@ -21,7 +21,8 @@ boundary may fall anywhere, even inside a recursion step (see docs/architecture.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -30,15 +31,15 @@ from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.transformer.enums import AttnMaskType, ModelType
-from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megamor.config import ModelConfig, RoutingConfig
 from megamor.model import fp8
-from megamor.model.layout import Plan
+from megamor.layout import Plan
 from megamor.model.attention import AttentionCall, Rotary
 from megamor.model.routing import ActiveSet, AttachAuxLoss, balancing_loss, z_loss
-from megamor.model.specs import MoRStageSubmodules
 
 # Seed tags: every parameter set is initialised from its own seed, so a unique layer gets the
 # same weights on every stage that holds a copy, and every parallel layout starts from the
@@ -144,6 +145,16 @@ class UniqueLayers(nn.ModuleDict):
                     sh.replica_id = (rid[0] + 100 * copy,) + tuple(rid[1:])
             out.update(sd)
         return out
+
+
+@dataclass
+class MoRStageSubmodules:
+    """Slots of one pipeline stage (MoRModel): its unrolled layers, its routers, its final norm
+    (filled by `megamor.model.specs.stage_spec`)."""
+
+    layer: Union[ModuleSpec, type]
+    router: Union[ModuleSpec, type] = IdentityOp
+    final_layernorm: Union[ModuleSpec, type] = IdentityOp
 
 
 class MoRModel(LanguageModule):

@@ -91,7 +91,7 @@ class ActiveSet:
         return self.idx.numel()
 
     def positions(self) -> torch.Tensor:
-        """Original positions, shaped for `rope_freqs`: [k, b] (padded) or [t, 1] (packed)."""
+        """Original positions, shaped for `attention.Rotary`: [k, b] (padded) or [t, 1] (packed)."""
         return self.idx.unsqueeze(1) if self.packed else self.idx
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,10 +136,6 @@ def _round_rows(k: int, b: int, multiple: int) -> int:
         return k
     step = multiple // math.gcd(multiple, b)
     return -(-k // step) * step
-
-
-def full_causal_mask(s: int, b: int, device) -> torch.Tensor:
-    return torch.ones(s, s, dtype=torch.bool, device=device).triu(1).view(1, 1, s, s).expand(b, 1, s, s)
 
 
 # ----------------------------------------------------------------------------- aux-loss plumbing
@@ -305,17 +301,3 @@ def balancing_loss(probs: torch.Tensor, counts: torch.Tensor, num_recursions: in
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
-
-
-def rope_freqs(positions: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
-    """RoPE angles in megatron's (non-interleaved, rotate-half) layout.
-
-    positions [s] or [k, b] -> [s, 1, 1, d] or [k, b, 1, d]; per-sequence positions let a
-    gathered subset keep its original positions.
-    """
-    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
-    ang = positions.to(torch.float32).unsqueeze(-1) * inv  # [..., d/2]
-    emb = torch.cat([ang, ang], dim=-1)
-    if positions.dim() == 1:
-        return emb[:, None, None, :]
-    return emb[:, :, None, :]

@@ -26,7 +26,6 @@ What runs around each layer (FP8 context, recompute) is in `MoRModel._run` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Union
 
 import torch
@@ -39,17 +38,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megamor.model.attention import MoRSelfAttention, SDPAttention
+from megamor.model.mor_model import MoRModel, MoRStageSubmodules
 
 BACKENDS = ("local", "te")
-
-
-@dataclass
-class MoRStageSubmodules:
-    """Slots of one pipeline stage (MoRModel): its unrolled layers, its routers, its final norm."""
-
-    layer: Union[ModuleSpec, type]
-    router: Union[ModuleSpec, type] = IdentityOp
-    final_layernorm: Union[ModuleSpec, type] = IdentityOp
 
 
 def check_te_available() -> None:
@@ -134,8 +125,6 @@ def router_spec(model_cfg, routing_cfg) -> Union[ModuleSpec, type]:
 
 def stage_spec(backend: str, model_cfg, routing_cfg) -> ModuleSpec:
     """The whole tree of one stage (see the module docstring)."""
-    from megamor.model.mor_model import MoRModel
-
     return ModuleSpec(module=MoRModel, submodules=MoRStageSubmodules(
         layer=layer_spec(backend),
         router=router_spec(model_cfg, routing_cfg),
