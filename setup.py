@@ -23,6 +23,8 @@ setup(
         "tokenizers>=0.15",
         "webdataset>=0.2.90",
         "tqdm",  # `megamor data prepare` progress bar
+        # checksums of checkpoint files (megamor/checksums.py): xxh3, ~20 GB/s per core
+        "xxhash>=3.0",
         # MLflow tracking (megamor/tracking.py; its default store is SQLite, which needs the full
         # package, not mlflow-skinny) and depth-map PNGs (megamor/depth_map.py).
         "mlflow>=3.0",

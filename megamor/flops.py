@@ -38,9 +38,10 @@ value (e.g. from the config) winning over both.
 from __future__ import annotations
 
 import time
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
-from megamor.model.layout import Plan
+if TYPE_CHECKING:  # importing megamor.model loads megatron-core: not for `megamor plan --help`
+    from megamor.model.layout import Plan
 
 # Dense peak FLOP/s per device (NVIDIA datasheets, without structured sparsity).
 PEAK_FLOPS: dict[str, dict[str, float]] = {
