@@ -434,17 +434,25 @@ def invalidate_splits(out_dir: str | Path, splits: Sequence[str]) -> Manifest | 
     return m
 
 
-def check_compatible(existing: Manifest | None, replacing: Sequence[str], fingerprint: str,
+def _accepted(fingerprint: str | Sequence[str]) -> tuple[str, ...]:
+    """A tokenizer fingerprint, or every form one tokenizer answers to (`Tokenizer.fingerprints`:
+    the current one first, then the legacy one older manifests carry)."""
+    return (fingerprint,) if isinstance(fingerprint, str) else tuple(fingerprint)
+
+
+def check_compatible(existing: Manifest | None, replacing: Sequence[str],
+                     fingerprint: str | Sequence[str],
                      seq_length: int, manifest_path: Path) -> None:
     """Splits kept beside new ones must share their tokenizer and sequence length."""
     if existing is None:
         return
     others = set(existing.splits) - set(replacing)
-    if others and (existing.tokenizer_fingerprint != fingerprint or existing.seq_length != seq_length):
+    if others and (existing.tokenizer_fingerprint not in _accepted(fingerprint)
+                   or existing.seq_length != seq_length):
         raise DataError(
             f"{manifest_path}: existing splits {sorted(others)} use tokenizer "
             f"{existing.tokenizer_fingerprint[:12]}/seq_length={existing.seq_length}, "
-            f"cannot add split(s) {sorted(replacing)} with {fingerprint[:12]}/"
+            f"cannot add split(s) {sorted(replacing)} with {_accepted(fingerprint)[0][:12]}/"
             f"seq_length={seq_length}; use a fresh out_dir")
 
 
@@ -464,7 +472,8 @@ def commit_manifest(out_dir: str | Path, existing: Manifest | None, new_splits: 
     return manifest
 
 
-def split_is_current(out: Path, m: Manifest, split: str, src: str, fingerprint: str,
+def split_is_current(out: Path, m: Manifest, split: str, src: str,
+                     fingerprint: str | Sequence[str],
                      seq_length: int, samples_per_shard: int, keep_boundaries: bool = False) -> bool:
     """True when ``split`` of manifest ``m`` was made from the same input and settings and all
     its shards are intact (size and sha256)."""
@@ -473,7 +482,7 @@ def split_is_current(out: Path, m: Manifest, split: str, src: str, fingerprint: 
         return False
     if s.doc_starts != keep_boundaries:
         return False
-    if m.tokenizer_fingerprint != fingerprint or m.seq_length != seq_length:
+    if m.tokenizer_fingerprint not in _accepted(fingerprint) or m.seq_length != seq_length:
         return False
     for sh in s.shards:
         f = out / sh.file
@@ -553,7 +562,7 @@ class ShardedTokenDataset(torch.utils.data.Dataset):
         data_dir: str | Path,
         split: str = "train",
         expect_seq_length: int | None = None,
-        expect_fingerprint: str | None = None,
+        expect_fingerprint: str | Sequence[str] | None = None,
         *,
         verify_checksums: bool = True,
         on_corrupt: str = "error",
@@ -569,9 +578,11 @@ class ShardedTokenDataset(torch.utils.data.Dataset):
         if expect_seq_length is not None and self.manifest.seq_length != expect_seq_length:
             raise DataError(f"{mpath}: seq_length mismatch: manifest has "
                             f"{self.manifest.seq_length}, expected {expect_seq_length}")
-        if expect_fingerprint is not None and self.manifest.tokenizer_fingerprint != expect_fingerprint:
+        if expect_fingerprint is not None and \
+                self.manifest.tokenizer_fingerprint not in _accepted(expect_fingerprint):
             raise DataError(f"{mpath}: tokenizer fingerprint mismatch: manifest has "
-                            f"{self.manifest.tokenizer_fingerprint}, expected {expect_fingerprint}")
+                            f"{self.manifest.tokenizer_fingerprint}, expected "
+                            f"{_accepted(expect_fingerprint)[0]}")
         if split not in self.manifest.splits:
             raise DataError(f"{mpath}: no split {split!r} (have {sorted(self.manifest.splits)})")
         self.info = self.manifest.splits[split]
