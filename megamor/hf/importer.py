@@ -136,8 +136,9 @@ def resolve_config(hf: dict, overrides, path: Path):
     fields = hf_model_fields(hf)
     data: dict = {"model": dict(fields)}
     mor = hf.get("model_type") == MOR_TYPE
+    exported_routing = {k: hf[v] for k, v in _MOR_ROUTING.items() if v in hf} if mor else {}
     if mor:
-        data["routing"] = {k: hf[v] for k, v in _MOR_ROUTING.items() if v in hf}
+        data["routing"] = dict(exported_routing)
     try:
         for text in overrides or ():
             section, option, value = parse_override(text)
@@ -161,7 +162,7 @@ def resolve_config(hf: dict, overrides, path: Path):
     if mor:
         fixed = [("model", k, v, _MOR_MODEL[k]) for k, v in fields.items() if k in _MOR_MODEL]
         fixed += [("model", "num_layers", fields["num_layers"], "num_hidden_layers")]
-        fixed += [("routing", k, v, _MOR_ROUTING[k]) for k, v in data["routing"].items()]
+        fixed += [("routing", k, v, _MOR_ROUTING[k]) for k, v in exported_routing.items()]
         for section, field, value, hf_name in fixed:
             got = getattr(getattr(cfg, section), field)
             if got != value and not (field == "capacity" and list(map(float, got or [])) ==
