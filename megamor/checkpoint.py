@@ -252,10 +252,14 @@ def save_failure_cause(exc: BaseException, root: Path) -> tuple[str, bool]:
     """(what went wrong, in one line; whether this rank only learned that another one failed).
     A full disk is named as such: an ENOSPC/EDQUOT anywhere in the chain, or almost no free
     space left on the checkpoint's file system after the failure."""
+    from megamor.errors import _peer_gone
+
     chain = _exceptions(exc)
     failures = [e for e in chain if isinstance(getattr(e, "failures", None), dict)]
-    # torch's CheckpointException on the ranks other than the coordinator: no details
-    consequence = bool(failures) and not any(e.failures for e in failures)
+    # torch's CheckpointException on the ranks other than the coordinator (no details), or a
+    # collective broken by the rank that failed and exited
+    consequence = (bool(failures) and not any(e.failures for e in failures)) \
+        or any(_peer_gone(e) for e in chain)
     # The same words on every rank (the one-line report prints each distinct line once).
     where = f" on the file system of {root}"
     for e in chain:

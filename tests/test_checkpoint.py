@@ -15,8 +15,7 @@ import psutil
 import pytest
 import torch
 
-from megamor.checkpoint import (CheckpointError, find_latest, read_tensors, resolve_resume,
-                                verify_checkpoint)
+from megamor.checkpoint import CheckpointError, find_latest, read_tensors, resolve_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["model.preset=tiny", "model.seq_length=64", "train.global_batch_size=8",
@@ -180,12 +179,15 @@ def test_bad_checkpoints_fail_clearly(tmp_path, builtin_root):
     corrupt = tmp_path / "corrupt"
     shutil.copytree(ckpt, corrupt)
     shard = sorted(corrupt.glob("*.distcp"))[0]
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    full = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: full // 2])
     p = pretrain(tmp_path / "c", builtin_root, 1, over, resume=str(corrupt), expect=2)
-    assert f"checkpoint error: {shard}: truncated shard file" in p.stderr
+    assert (f"checkpoint error: {shard}: size {full // 2} bytes, {corrupt / 'megamor.json'} lists "
+            f"{full} (truncated or rewritten); no earlier checkpoint of this run is intact") \
+        in p.stderr
     shard.unlink()
     p = pretrain(tmp_path / "c", builtin_root, 1, over, resume=str(corrupt), expect=2)
-    assert f"checkpoint error: {shard}: shard file missing" in p.stderr
+    assert f"checkpoint error: {shard}: file missing (listed in {corrupt / 'megamor.json'})" in p.stderr
 
 
 # ----------------------------------------------------------------------------- issue 19
@@ -260,6 +262,7 @@ def test_a_fresh_run_never_writes_into_another_runs_checkpoints(faults, builtin_
     assert listing["root"] == ["latest", "previous", "step_00000002"]
     assert [p.split("/", 1)[1] for p in listing["previous"]] == [
         "latest", "step_00000004", "step_00000006"]
+    from megamor.checkpoint import verify_checkpoint
     moved = next((root / "new_lineage" / "checkpoints" / "previous").iterdir())
     assert verify_checkpoint(moved / "step_00000006").endswith("every xxh3_128 checksum matches")
     assert (root / "new_lineage" / "checkpoints" / "latest").read_text() == "step_00000002"
@@ -299,6 +302,12 @@ def test_non_finite_steps_never_reach_the_weights(faults):
     assert h[14]["loss_spike"] > 5 and "loss_spike" not in h[13]  # x10 at step 14, reported
     rows = [json.loads(l) for l in (root / "nonfinite" / "metrics.jsonl").read_text().splitlines()]
     assert rows[13]["loss_spike"] == h[14]["loss_spike"]
+    from mlflow.tracking import MlflowClient  # the spike and the skipped steps reach MLflow too
+    client = MlflowClient(f"sqlite:///{root / 'nonfinite' / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.tags["megamor.loss_spike"].startswith("step 14: loss ")
+    assert run.data.metrics["loss_spike"] == pytest.approx(h[14]["loss_spike"])
+    assert run.data.metrics["skipped_steps"] == 2
     err = out["nonfinite_stop"]["error"]
     assert err["type"] == "NonFiniteError" and all(e == err for e in out["nonfinite_stop"]["errors"])
     assert err["message"].startswith("3 step(s) in a row with a non-finite loss or gradient "

@@ -8,8 +8,8 @@ fresh trainer (data parallel over the ranks), rank 0 writing one JSON file.
 - corrupt_explicit / corrupt_auto: copies of base's checkpoints with 4 KB flipped in the newest
   shard, resumed by path (the error) and with `auto` to step 8 (falls back to step 4);
 - new_lineage: a fresh run into a copy of base's directory with checkpoint.new_lineage=true;
-- nonfinite: NaN loss at steps 3 and 4, the loss x10 at step 14 (a spike), 14 steps; the sum of
-  the weights after every step;
+- nonfinite: NaN loss at steps 3 and 4, the loss x10 at step 14 (a spike), 14 steps, tracked in
+  MLflow; the sum of the weights after every step;
 - nonfinite_stop: NaN from step 2 on, train.max_nonfinite_in_row=3 (the error);
 - disk_full_sync / disk_full_async (with --tmpfs, a small tmpfs): checkpoint.dir there, the
   second save does not fit (the error on each rank).
@@ -150,7 +150,9 @@ def main():
         if prev.exists() else []}
 
     nan = float("nan")
-    run("nonfinite", "train.train_steps=14", faults={3: nan, 4: nan, 14: 10.0}, record=True)
+    run("nonfinite", "train.train_steps=14", "tracking.enabled=true", "tracking.run_name=nonfinite",
+        f"tracking.tracking_uri=sqlite:///{root / 'nonfinite' / 'mlflow.db'}",
+        faults={3: nan, 4: nan, 14: 10.0}, record=True)
     run("nonfinite_stop", "train.train_steps=8", "train.max_nonfinite_in_row=3",
         faults={k: nan for k in range(2, 9)})
 
