@@ -225,7 +225,7 @@ _FULL_BELOW_BYTES = 64 * 2**20
 
 def _exceptions(exc: BaseException) -> list[BaseException]:
     """`exc`, its causes and contexts, and the per-rank exceptions a torch.distributed.checkpoint
-    `CheckpointException` carries (`failures`: rank -> exception)."""
+    `CheckpointException` carries (`failures`: rank -> (exception, traceback summary))."""
     out, todo, seen = [], [exc], set()
     while todo:
         e = todo.pop(0)
@@ -236,8 +236,15 @@ def _exceptions(exc: BaseException) -> list[BaseException]:
         todo += [e.__cause__, e.__context__]
         failures = getattr(e, "failures", None)
         if isinstance(failures, dict):
-            todo += [v for v in failures.values() if isinstance(v, BaseException)]
-    return out
+            todo += [v[0] if isinstance(v, tuple) and v else v for v in failures.values()]
+    return [e for e in out if isinstance(e, BaseException)]
+
+
+def _text(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - a malformed exception must not hide the real one
+        return type(exc).__name__
 
 
 def _human_bytes(n: float) -> str:
@@ -252,14 +259,14 @@ def save_failure_cause(exc: BaseException, root: Path) -> tuple[str, bool]:
     """(what went wrong, in one line; whether this rank only learned that another one failed).
     A full disk is named as such: an ENOSPC/EDQUOT anywhere in the chain, or almost no free
     space left on the checkpoint's file system after the failure."""
-    from megamor.errors import _peer_gone
+    from megamor.errors import _PEER_GONE
 
     chain = _exceptions(exc)
     failures = [e for e in chain if isinstance(getattr(e, "failures", None), dict)]
     # torch's CheckpointException on the ranks other than the coordinator (no details), or a
     # collective broken by the rank that failed and exited
     consequence = (bool(failures) and not any(e.failures for e in failures)) \
-        or any(_peer_gone(e) for e in chain)
+        or any(s in _text(e).lower() for e in chain for s in _PEER_GONE)
     # The same words on every rank (the one-line report prints each distinct line once).
     where = f" on the file system of {root}"
     for e in chain:
@@ -272,9 +279,9 @@ def save_failure_cause(exc: BaseException, root: Path) -> tuple[str, bool]:
         pass
     if consequence:
         return "another rank failed to write its part of the checkpoint", True
-    per_rank = [v for e in failures for v in e.failures.values() if isinstance(v, BaseException)]
+    per_rank = [e for e in chain if e is not exc and not hasattr(e, "failures")]
     inner = next((e for e in chain if isinstance(e, OSError)), per_rank[0] if per_rank else exc)
-    lines = [l.strip() for l in str(inner).splitlines() if l.strip()]
+    lines = [l.strip() for l in _text(inner).splitlines() if l.strip()]
     return f"{type(inner).__name__}: {lines[-1] if lines else ''}".rstrip(": "), False
 
 

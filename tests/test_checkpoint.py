@@ -406,7 +406,7 @@ def test_pieces_of_the_guarantees():
         g[17] = float("inf")
         assert local_nonfinite([], [g])
         assert local_nonfinite([torch.tensor(float("nan"))], [torch.ones(3, dtype=dtype)])
-    full = CheckpointException("write", {0: OSError(28, "No space left on device")})
+    full = CheckpointException("write", {0: (OSError(28, "No space left on device"), None)})
     assert save_failure_cause(full, Path("/"))[0].startswith("No space left on device")
     other_rank = CheckpointException("write", {})  # what the non-coordinator ranks get
     assert save_failure_cause(other_rank, Path("/"))[1] is True
