@@ -166,7 +166,8 @@ def checkpoint_bytes(cfg: Config, vocab: int, precision: str) -> int:
     the optimizer's fp32 master copy and Adam's two moments (12 bytes; megatron's fully
     reshardable format stores the master copy even for fp32 runs), and under the DeepSpeed
     engine its own engine state, which repeats the weights; plus 1 MiB of index, tokenizer and
-    config. The tiny model at fp32: 5.06 MB predicted, 4.40 MB written."""
+    config. The tiny model at fp32: 5.06 MB predicted, 4.40 MB written by the megatron engine;
+    6.06 MB predicted, 5.28 MB written by the DeepSpeed engine (ZeRO-2, 2 ranks)."""
     weights = 2 if precision in ("bf16", "fp8") else 4
     per = weights + 12 + (weights if cfg.parallel.engine == "deepspeed" else 0)
     return int(model_parameters(cfg, vocab) * per) + 2**20
