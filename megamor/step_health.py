@@ -3,7 +3,8 @@ step the same way on every rank, whatever the engine and precision.
 
 - **Non-finite** (`nonfinite_anywhere`): before the optimizer step, each rank looks at its own
   micro-batch losses and its gradients (one reduction per gradient buffer, summed in fp32: a NaN
-  or an infinity anywhere makes the sum non-finite), and one all-reduce tells every rank. Such a
+  or an infinity anywhere makes the sum non-finite, as would gradients summing past fp32's
+  3.4e38), and one all-reduce tells every rank. Such a
   step's update is not applied (megatron's optimizer skips only under fp16 loss scaling, so
   the megatron engine decides here; DeepSpeed's ZeRO optimizers skip a non-finite gradient norm
   themselves, which the DeepSpeed engine reads back), the LR schedule advances as for any
@@ -79,7 +80,7 @@ class StepHealth:
     def record(self, m: dict, skipped: bool, last_checkpoint=None) -> list[str]:
         """After a step (its metrics `m`, reduced): returns warning lines and adds
         `skipped_steps` / `nonfinite` / `loss_spike` to `m`; raises NonFiniteError when the run
-        must stop."""
+        must stop. `last_checkpoint`: called then, for the checkpoint to name."""
         step, loss = m["step"], m["loss"]
         if skipped or not math.isfinite(loss):
             self.skipped += 1
@@ -91,8 +92,8 @@ class StepHealth:
             what = f"loss {loss:.4g}, gradient norm {m.get('grad_norm', float('nan')):.4g}"
             if self.on_nonfinite == "error" or self.in_row >= self.max_in_row:
                 since = (f"steps {self.first_in_row}-{step}" if self.in_row > 1 else f"step {step}")
-                resume = (f"; resume from {last_checkpoint} (e.g. with a lower train.lr)"
-                          if last_checkpoint else "")
+                last = last_checkpoint() if last_checkpoint is not None else None
+                resume = (f"; resume from {last} (e.g. with a lower train.lr)" if last else "")
                 rule = ("train.on_nonfinite=error" if self.on_nonfinite == "error" else
                         f"train.max_nonfinite_in_row={self.max_in_row}")
                 raise NonFiniteError(

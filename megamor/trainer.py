@@ -663,7 +663,7 @@ class Trainer:
                 stop_error = None
                 try:
                     health = self.health.record(m, m.get("nonfinite", 0) == 1,
-                                                self.checkpointer.last_saved())
+                                                self.checkpointer.last_saved)
                 except NonFiniteError as e:
                     stop_error, health = e, []
                 if log is not None:
