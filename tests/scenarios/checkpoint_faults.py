@@ -17,9 +17,7 @@ fresh trainer (data parallel over the ranks), rank 0 writing one JSON file.
 
 import argparse
 import json
-import os
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
@@ -72,7 +70,6 @@ def main():
             "train.micro_batch_size=4", "train.log_interval=1", "tracking.enabled=false",
             "tracking.depth_map_interval=0", *args.overrides]
     wanted = set(args.cases.split(",")) if args.cases else None
-    rank0 = None
     out: dict = {}
 
     def cfg(name, *extra):
@@ -169,8 +166,7 @@ def main():
                 except CheckpointError as e:
                     res["previous"] = f"FAILED: {e}"
             on_rank0(lambda: shutil.rmtree(Path(args.tmpfs) / mode))  # room for the next case
-    rank0 = dist.get_rank() == 0
-    if rank0:
+    if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(out))
     parallel.shutdown()
 
