@@ -26,6 +26,8 @@ setup(
         # longer ships it inside its own wheel.
         "wids>=0.1.11",
         "tqdm",  # `megamor data prepare` progress bar
+        # checksums of checkpoint files (megamor/checksums.py): xxh3, ~20 GB/s per core
+        "xxhash>=3.0",
         # MLflow tracking (megamor/tracking.py; its default store is SQLite, which needs the full
         # package, not mlflow-skinny) and depth-map PNGs (megamor/depth_map.py).
         "mlflow>=3.0",

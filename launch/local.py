@@ -36,7 +36,9 @@ def relaunch(nproc: int, argv: list[str], preempted_marker: Optional[Path] = Non
     that arrives while a rank is still starting is delivered once the rank has its handler
     (`ranks_catch_signals`, i.e. checkpoint.save_on_signal). The ranks save, rank 0 writes the
     marker and all exit 0, so torchrun reports nothing; the fresh marker turns that into
-    EXIT_PREEMPTED here. A second Ctrl-C stops everything at once, without a checkpoint.
+    EXIT_PREEMPTED here. A second Ctrl-C, at least a second after the first (a wrapper that
+    forwards one keypress to the process group delivers it twice at once), stops everything at
+    once, without a checkpoint.
 
     torchrun runs in its own process group (Ctrl-C reaches only this process) and is killed by
     the kernel if this process dies (kill -9); each rank watches for that and exits too
@@ -47,7 +49,8 @@ def relaunch(nproc: int, argv: list[str], preempted_marker: Optional[Path] = Non
     and the launch returns EXIT_HUNG.
     """
     from megamor.lifecycle import (EXIT_PREEMPTED, LAUNCHER_PID_ENV, PREEMPTED_RANK_EXIT_ENV,
-                                   STOP_SIGNALS, catches_signal, parent_death_signal_setter)
+                                   STOP_SIGNALS, InterruptCounter, catches_signal,
+                                   parent_death_signal_setter)
 
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(cpu_threads_per_rank(nproc)))
@@ -67,11 +70,11 @@ def relaunch(nproc: int, argv: list[str], preempted_marker: Optional[Path] = Non
 
     proc = subprocess.Popen(cmd, env=env, preexec_fn=in_own_group_dying_with_us)
     pending: dict[int, set[int]] = {}  # signal -> pids of the ranks that already got it
-    interrupts = []
+    counter, interrupted_twice = InterruptCounter(), []
 
     def on_signal(signum, frame):
-        if signum == signal.SIGINT:
-            interrupts.append(time.time())
+        if signum == signal.SIGINT and counter.second():  # not one keypress forwarded twice
+            interrupted_twice.append(True)
         pending.setdefault(signum, set())
 
     def ranks() -> list:
@@ -102,7 +105,7 @@ def relaunch(nproc: int, argv: list[str], preempted_marker: Optional[Path] = Non
                 break
             except subprocess.TimeoutExpired:
                 pass
-            if len(interrupts) >= 2:
+            if interrupted_twice:
                 stop_at_once(proc, ranks())
                 print("megamor: interrupted twice: stopped the ranks without a checkpoint",
                       file=sys.stderr, flush=True)

@@ -258,7 +258,8 @@ def check_inputs(cfg, world_size: int) -> None:
     from megamor.errors import error_kind, input_errors
     from megamor.preflight import check_before_start
     try:
-        check_before_start(cfg, world_size)
+        for warning in check_before_start(cfg, world_size):
+            print(f"megamor launch: warning: {warning}", file=sys.stderr, flush=True)
     except input_errors() as e:
         raise LaunchError(f"{error_kind(e)} error: {e}") from None
 

@@ -44,7 +44,12 @@ def cmd_pretrain(args) -> int:
         from megamor.config import load_config
         from megamor.preflight import check_before_start
         cfg = load_config(args.config, args.overrides)
-        check_before_start(cfg, world)
+        warnings_ = check_before_start(cfg, world)
+        # Said once: by this process, or by rank 0 of a launch that `--nproc` did not start.
+        from megamor.lifecycle import LAUNCHER_PID_ENV
+        if rank == 0 and not (launched and os.environ.get(LAUNCHER_PID_ENV)):
+            for w in warnings_:
+                print(f"megamor: warning: {w}", file=sys.stderr, flush=True)
     except errors.input_errors() as e:
         if launched and cfg is not None:  # ranks of a launch: one line per distinct error
             errors.report(e, Path(cfg.run.output_dir), rank, world)
@@ -62,12 +67,13 @@ def cmd_pretrain(args) -> int:
     from megamor import parallel
     from megamor.engines import create_trainer
     from megamor.trainer import Preempted
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
     try:
         create_trainer(cfg).train()
     except Preempted as e:
         from megamor.lifecycle import preempted_exit_code
         return preempted_exit_code(e.code)  # 0 under `--nproc N`, which then returns 75
-    except Exception as e:  # noqa: BLE001 - one line per distinct error, traceback to the log
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - one line per distinct error
         return errors.report(e, Path(cfg.run.output_dir), rank, world)
     finally:
         parallel.shutdown()

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from megamor.errors import InputError
-from megamor.presets import MODEL_PRESETS
+from megamor.presets import MODEL_PRESETS, PRESET_TRAIN
 
 
 class ConfigError(InputError, ValueError):
@@ -151,11 +151,17 @@ class TrainConfig:
     fp8_bf16_layers: int = 1  # first and last unrolled layers kept in bf16 (0: none)
     device: str = "auto"  # auto | cpu | cuda
     log_interval: int = 10
+    # A step whose loss or gradient norm is not finite: skip (its update is not applied and it is
+    # counted; the run stops after `max_nonfinite_in_row` such steps in a row) | error (stop)
+    on_nonfinite: str = "skip"
+    max_nonfinite_in_row: int = 5
 
 
 @dataclass
 class DataConfig:
-    path: str = "builtin"  # prepared shards directory, or 'builtin' (CPython's own docs)
+    # prepared shards directory, or 'builtin' (CPython's own docs); null: not chosen yet (the
+    # config of `megamor convert from-hf`), which a run refuses, saying how to set it
+    path: Optional[str] = "builtin"
     builtin_root: str = "~/.cache/megamor/builtin"
     tokenizer: Optional[str] = None  # tokenizer dir/file; default: the dataset's
     tokenizer_vocab_size: int = 1024  # used when training the builtin tokenizer
@@ -177,6 +183,9 @@ class CheckpointConfig:
     # a weights-only checkpoint (`megamor convert from-hf`) or any training checkpoint.
     init_from: Optional[str] = None
     save_on_signal: bool = True  # SIGTERM / SIGUSR1 / SIGINT: finish the step, save, exit 75
+    # Start a new run in a checkpoint directory that holds another run's checkpoints (they are
+    # moved, intact, to <dir>/previous/<time>/); without it such a start is refused.
+    new_lineage: bool = False
 
 
 @dataclass
@@ -196,6 +205,9 @@ class TrackingConfig:
     # times the median rank's time for this many logging windows in a row.
     straggler_threshold: float = 1.2
     straggler_windows: int = 3
+    # Report a step whose loss exceeds this multiple of its running average (log line, MLflow
+    # metric `loss_spike` and tag); 0: off
+    loss_spike_factor: float = 2.0
 
 
 @dataclass
@@ -300,6 +312,7 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
                 f"{', '.join(MODEL_PRESETS)}"
             )
         _apply(cfg.model, MODEL_PRESETS[preset], f"{source}: preset {preset}")
+        _apply(cfg.train, PRESET_TRAIN.get(preset, {}), f"{source}: preset {preset}")
     for name, values in data.items():
         if name not in sections:
             raise ConfigError(
@@ -323,10 +336,30 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, option, yaml.safe_load(raw) if raw != "" else ""
 
 
+def check_override(text: str) -> tuple[str, str, Any]:
+    """One `section.option=value` from the command line: its section, option and (coerced)
+    value, or a ConfigError that names the override itself."""
+    section, option, value = parse_override(text)
+    sections = _section_types(Config)
+    if section not in sections:
+        raise ConfigError(f"{text}: unknown section '{section}' (known: {', '.join(sections)})")
+    hints = _section_types(sections[section])
+    if option not in hints:
+        raise ConfigError(f"{text}: unknown option '{option}' in section {section} (known: "
+                          f"{', '.join(sorted(hints))})")
+    value = _coerce(value, hints[option], f"{section}.{option}")
+    if (section, option) == ("model", "preset") and value is not None \
+            and value not in MODEL_PRESETS:
+        raise ConfigError(f"model.preset={value!r} is unknown; choose one of "
+                          f"{', '.join(MODEL_PRESETS)}")
+    return section, option, value
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
-    """YAML file (optional) -> preset -> overrides, in that order of precedence (last wins)."""
+    """YAML file (optional) -> preset -> overrides, in that order of precedence (last wins).
+    Errors name the file, or the override they come from."""
     data: dict = {}
-    source = "<defaults>"
+    source = "command line"
     if path is not None:
         p = Path(path)
         source = str(p)
@@ -337,7 +370,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
     for text in overrides or []:
-        section, option, value = parse_override(text)
+        section, option, value = check_override(text)
         data.setdefault(section, {})
         if data[section] is None:
             data[section] = {}
@@ -525,6 +558,17 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise ConfigError(f"train.lr={t.lr} / train.min_lr={t.min_lr}: need 0 <= min_lr <= lr")
     _choice(cfg.data.on_corrupt, ("error", "skip"), "data.on_corrupt")
+    _choice(t.on_nonfinite, ("skip", "error"), "train.on_nonfinite")
+    if t.max_nonfinite_in_row < 1:
+        raise ConfigError(f"train.max_nonfinite_in_row={t.max_nonfinite_in_row} must be >= 1")
+    if cfg.tracking.loss_spike_factor != 0 and not cfg.tracking.loss_spike_factor > 1:
+        raise ConfigError(f"tracking.loss_spike_factor={cfg.tracking.loss_spike_factor} must be "
+                          f"> 1 (0: off)")
+    if cfg.data.path is None:
+        raise ConfigError(
+            "data.path is not set (a config written by `megamor convert from-hf` leaves it to "
+            "you): tokenize data with the model's tokenizer (`megamor data prepare INPUTS --out "
+            "DIR --seq-length N --tokenizer CHECKPOINT/tokenizer`) and set data.path=DIR")
     if cfg.data.path != "builtin":
         from megamor.data.spec import parse_data_spec
         try:
@@ -537,6 +581,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             raise ConfigError(f"checkpoint.{name}={getattr(c, name)} must be >= 0")
     if c.keep_last < 1:
         raise ConfigError("checkpoint.keep_last must be >= 1 (the newest checkpoint is always kept)")
+    if c.new_lineage and c.resume is not None:
+        raise ConfigError(
+            f"checkpoint.new_lineage=true starts a new run; it cannot be combined with "
+            f"checkpoint.resume={c.resume} (--resume): drop one of them")
     if cfg.tracking.depth_map_interval is not None and cfg.tracking.depth_map_interval < 0:
         raise ConfigError(f"tracking.depth_map_interval={cfg.tracking.depth_map_interval} must be "
                           f">= 0 (0: off; unset: with every checkpoint save)")

@@ -55,6 +55,12 @@ def depth_color(depth: int, max_depth: int) -> tuple[int, int, int]:
     return tuple(round(a[c] + (b[c] - a[c]) * f) for c in range(3))
 
 
+def legend_depths(depths: list[int], max_depth: int) -> list[int]:
+    """The depths a legend shows: 1..max_depth (every token passes recursion step 1), plus any
+    other depth that occurs (0 where a first-step capacity below 1 left tokens out)."""
+    return sorted(set(range(1, max_depth + 1)) | set(depths))
+
+
 def _text_color(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
     lum = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
     return (0, 0, 0) if lum > 140 else (255, 255, 255)
@@ -83,8 +89,8 @@ def render_html(tokens: list[str], depths: list[int], max_depth: int,
     legend = "".join(
         f'<span class="t" style="background:{_hex(depth_color(d, max_depth))};'
         f'color:{_hex(_text_color(depth_color(d, max_depth)))}">depth {d}</span> '
-        for d in range(0, max_depth + 1))
-    counts = {d: depths.count(d) for d in range(0, max_depth + 1)}
+        for d in legend_depths(depths, max_depth))
+    counts = {d: depths.count(d) for d in legend_depths(depths, max_depth)}
     mean = sum(depths) / len(depths) if depths else 0.0
     summary = ", ".join(f"{d}: {n}" for d, n in counts.items() if n)
     head = html.escape(title) if title else "Recursion depth per token"
@@ -188,13 +194,13 @@ def render_png(tokens: list[str], depths: list[int], max_depth: int, path,
                                facecolor=_hex(bg), edgecolor="none"))
         ax.text(left, top + line_h * 0.5, text, fontproperties=prop, va="center", ha="left",
                 color=_hex(_text_color(bg)), parse_math=False)
-    # Legend: one swatch per depth 0..max_depth.
+    # Legend: one swatch per depth that can occur (1..max_depth, and any other present).
     ly = y0 + n_lines * line_h + line_h * 0.6
     lx = margin
     ax.text(lx, ly + line_h * 0.5, "depth:", fontproperties=prop, va="center", ha="left",
             parse_math=False)
     lx += 8 * char_w
-    for d in range(0, max_depth + 1):
+    for d in legend_depths(depths, max_depth):
         bg = depth_color(d, max_depth)
         label = str(d)
         ax.add_patch(Rectangle((lx, ly), (len(label) + 2) * char_w, line_h, facecolor=_hex(bg),

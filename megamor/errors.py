@@ -2,7 +2,10 @@
 
     0   finished
     1   an error inside the ranks (data, checkpoint, training ...): one line
-        `megamor: <kind> error: ...`; the traceback is in `<output_dir>/logs/rank_<R>.log`
+        `megamor: <kind> error: ...`; the traceback is in `<output_dir>/logs/rank_<R>.log`.
+        Among them: a failed checkpoint save (`megamor: checkpoint error: saving ... failed:
+        No space left on device ...`; the `.tmp` removed, the previous checkpoint intact) and
+        too many non-finite steps in a row (`train.on_nonfinite`)
     2   bad input found before any rank started (`megamor pretrain`'s pre-start checks,
         megamor/preflight.py; `python -m launch.slurm --check`)
     75  a checkpoint was saved on a signal (EXIT_PREEMPTED, megamor/checkpoint.py)
@@ -42,6 +45,14 @@ class InputError(Exception):
     word of their one-line report (`megamor: <kind> error: ...`)."""
 
     kind = "input"
+
+
+class PreflightError(InputError, RuntimeError):
+    """A run that cannot start; `kind` is the error line's kind (`output`)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 def error_kind(exc: BaseException) -> str:
@@ -132,8 +143,9 @@ def report(exc: BaseException, output_dir: Path, rank: int, world_size: int,
     else:
         claims, lid = Path(output_dir) / "logs" / ".claims", launch_id()
         prefix = hashlib.sha1(lid.encode()).hexdigest()[:12]
-        if error_kind(exc) == "training" and _peer_gone(exc) \
-                and _others_reported(claims, prefix, peer_wait_s):
+        consequence = (error_kind(exc) == "training" and _peer_gone(exc)) \
+            or getattr(exc, "consequence", False)  # e.g. CheckpointSaveError: another rank's
+        if consequence and _others_reported(claims, prefix, peer_wait_s):
             show = False  # another rank failed first; this is the consequence
         else:
             key = f"{prefix}-{hashlib.sha1(one_line(exc).encode()).hexdigest()[:16]}"

@@ -39,6 +39,9 @@ def resolve_eval_data(spec: Optional[str], cfg) -> str:
     """The data spec to read: `spec` (a prepared directory, a blend, or 'builtin'), by default the
     checkpoint's own training data; 'builtin' is (re)built for the checkpoint's settings."""
     spec = spec or cfg.data.path
+    if spec is None:
+        raise EvalError("the checkpoint's config names no training data (data.path is unset, as "
+                        "after `megamor convert from-hf`): pass --data DIR")
     if spec != "builtin":
         return spec
     from megamor.data import builtin_dataset_root, ensure_builtin_dataset
@@ -47,7 +50,7 @@ def resolve_eval_data(spec: Optional[str], cfg) -> str:
     return str(ensure_builtin_dataset(root, cfg.model.seq_length, cfg.data.tokenizer_vocab_size))
 
 
-def open_eval_split(spec: str, split: Optional[str], model_seq_length: int, fingerprint: str):
+def open_eval_split(spec: str, split: Optional[str], model_seq_length: int, fingerprint):
     """-> (dataset, split name, note). Default split: 'val' when the data has a non-empty one."""
     from megamor.data import load_manifest, open_training_data, parse_data_spec
 
@@ -146,7 +149,7 @@ def cmd_eval_checkpoint(args) -> int:
         sys.exit(f"megamor: checkpoint error: {e}")
     try:
         spec = resolve_eval_data(args.data, cfg)
-        dataset, split, note = open_eval_split(spec, args.split, cfg.model.seq_length, tok.fingerprint)
+        dataset, split, note = open_eval_split(spec, args.split, cfg.model.seq_length, tok.fingerprints)
     except (DataError, EvalError) as e:
         sys.exit(f"megamor: eval: data error: {e}")
     device = torch.device(_device(args.device))

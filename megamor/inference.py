@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from megamor.checkpoint import CheckpointError, check_model_shape, read_meta, resolve_resume, verify_files
+from megamor.checkpoint import CheckpointError, check_model_shape, full_problem, read_meta, resolve_resume
 
 
 def build_single_process_model(cfg, vocab_size: int, *, seed: int | None = None,
@@ -62,7 +62,9 @@ def load_for_inference(path: str | Path):
         "parallel.engine=megatron", "parallel.offload_optimizer=none",
         "parallel.offload_params=none", "parallel.deepspeed_config=null"])
     check_model_shape(meta, cfg.model, ckpt)
-    verify_files(ckpt)
+    problem = full_problem(ckpt)  # every file's checksum (sizes only for older checkpoints)
+    if problem is not None:
+        raise CheckpointError(problem)
     tok = load_tokenizer(ckpt / "tokenizer")
     model, _ = build_single_process_model(cfg, cfg.model.vocab_size or tok.vocab_size)
     try:
@@ -76,7 +78,8 @@ def load_for_inference(path: str | Path):
 
 
 def routing_depths(model, token_ids: list[int]) -> list[int]:
-    """Recursion depth each token reaches under inference (threshold) routing."""
+    """Recursion depth each token reaches under the model's routing: inference (threshold) in
+    eval mode, training top-k under `megamor.evaluate.routing_mode(model, "topk")`."""
     if model.mcfg.arch != "mor":
         n = model.mcfg.num_recursions if model.mcfg.arch == "recursive" else 0
         return [n] * len(token_ids)

@@ -33,6 +33,26 @@ LAUNCHER_PID_ENV = "MEGAMOR_LAUNCHER_PID"
 PREEMPTED_RANK_EXIT_ENV = "MEGAMOR_PREEMPTED_RANK_EXIT"
 EXIT_LAUNCHER_GONE = 1
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# A second SIGINT counts as a second interrupt only this long after the first: one Ctrl-C reaches
+# a process twice, microseconds apart, when a wrapper forwards it to the process group that the
+# terminal already signalled (`timeout --foreground`, some job runners and shells).
+SECOND_INTERRUPT_AFTER_S = 1.0
+
+
+class InterruptCounter:
+    """`second()` on each SIGINT: True when it is a second interrupt, i.e. at least
+    SECOND_INTERRUPT_AFTER_S after the first one counted."""
+
+    def __init__(self, min_gap_s: float = SECOND_INTERRUPT_AFTER_S):
+        self.min_gap_s = min_gap_s
+        self.first: Optional[float] = None
+
+    def second(self, now: Optional[float] = None) -> bool:
+        now = time.monotonic() if now is None else now
+        if self.first is None:
+            self.first = now
+            return False
+        return now - self.first >= self.min_gap_s
 
 
 def _prctl() -> Optional[Callable]:

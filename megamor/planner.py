@@ -35,6 +35,8 @@ import argparse
 import copy
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
 from megamor.config import Config, ConfigError, load_config
 from megamor.flops import expected_layer_tokens, flops_per_step, layer_matmul_params, pipeline_costs
@@ -131,17 +133,53 @@ def _plan(cfg: Config):
                       cfg.routing.capacities(m.num_recursions))
 
 
+def unique_layers(cfg: Config) -> int:
+    """Distinct layers of the model (what `build_plan` gives as `num_unique`), from the config."""
+    m = cfg.model
+    if m.arch == "vanilla":
+        return m.num_layers
+    middle = m.sharing.startswith("middle")
+    return (m.num_layers - 2 if middle else m.num_layers) // m.num_recursions + (2 if middle else 0)
+
+
+def router_parameters(cfg: Config) -> float:
+    """Parameters of the router of one recursion step (0 unless arch=mor)."""
+    m, h = cfg.model, cfg.model.hidden_size
+    if m.arch != "mor":
+        return 0.0
+    router = h * (m.num_recursions if cfg.routing.type == "token_choice" else 1)
+    if cfg.routing.causal == "aux_router":
+        router += h * (h // 2) + h // 2 + (h // 2)
+    return router
+
+
+def model_parameters(cfg: Config, vocab: int) -> float:
+    """Every parameter of the model once (tied embedding, unique layers, routers, final norm)."""
+    m = cfg.model
+    per_layer = layer_matmul_params(m) + 2 * m.hidden_size
+    return (unique_layers(cfg) * per_layer + vocab * m.hidden_size + m.hidden_size
+            + router_parameters(cfg) * (m.num_recursions if m.arch == "mor" else 0))
+
+
+def checkpoint_bytes(cfg: Config, vocab: int, precision: str) -> int:
+    """Predicted size of one checkpoint: per parameter the weights in the training precision,
+    the optimizer's fp32 master copy and Adam's two moments (12 bytes; megatron's fully
+    reshardable format stores the master copy even for fp32 runs), and under the DeepSpeed
+    engine its own engine state, which repeats the weights; plus 1 MiB of index, tokenizer and
+    config. The tiny model at fp32: 5.06 MB predicted, 4.40 MB written by the megatron engine;
+    6.06 MB predicted, 5.28 MB written by the DeepSpeed engine (ZeRO-2, 2 ranks)."""
+    weights = 2 if precision in ("bf16", "fp8") else 4
+    per = weights + 12 + (weights if cfg.parallel.engine == "deepspeed" else 0)
+    return int(model_parameters(cfg, vocab) * per) + 2**20
+
+
 def stage_parameters(cfg: Config, plan, ranges, vocab: int, tp: int) -> list[float]:
     """Parameters each pipeline stage holds per tensor-parallel rank (copies of shared layers
     included: each copy has its own gradients and optimizer state)."""
     m = cfg.model
     h = m.hidden_size
     per_layer = layer_matmul_params(m) / tp + 2 * h  # matmuls split by tp, two norms replicated
-    router = 0.0
-    if m.arch == "mor":
-        router = h * (m.num_recursions if cfg.routing.type == "token_choice" else 1)
-        if cfg.routing.causal == "aux_router":
-            router += h * (h // 2) + h // 2 + (h // 2)
+    router = router_parameters(cfg)
     out = []
     for p, (a, b) in enumerate(ranges):
         n = len(plan.unique_layers_in(a, b)) * per_layer
@@ -386,6 +424,49 @@ def format_table(preds: list[Prediction], top: int) -> str:
     return "\n".join(lines)
 
 
+COLUMNS = (
+    "columns: tp, pp, dp = tensor, pipeline, data parallel sizes; mbs = micro-batch (sequences); "
+    "recompute = activation recomputation; engine = optimizer engine; sp = sequence parallel | "
+    "GiB per GPU on the fullest pipeline stage: weights, grads, optim (optimizer state), activ "
+    "(activations of the micro-batches in flight), total | step s = predicted step time; "
+    "bubble = pipeline idle time in it; dp+sh s = data-parallel gradient sync and shared-layer "
+    "all-reduce in it (not overlapped); MFU = model FLOPs / (GPUs x peak); tok/s = tokens per "
+    "second, all GPUs; balance = useful fraction of the pipeline cut (1: even); fits = total "
+    "within the usable memory")
+
+
+def layout_overrides(layout: Layout, gbs: int, seq: int, cfg: Config) -> list[str]:
+    """`megamor pretrain` options that run `layout` (data parallel follows from the ranks)."""
+    out = [f"parallel.tensor_model_parallel_size={layout.tp}",
+           f"parallel.pipeline_model_parallel_size={layout.pp}",
+           f"train.micro_batch_size={layout.mbs}", f"train.global_batch_size={gbs}",
+           f"model.recompute={layout.recompute}"]
+    if layout.sequence_parallel:
+        out.append("parallel.sequence_parallel=true")
+    if layout.engine != "megatron":
+        out += ["parallel.engine=deepspeed", f"parallel.zero_stage={layout.engine[-1]}"]
+    if seq != cfg.model.seq_length:
+        out.append(f"model.seq_length={seq}")
+    return out
+
+
+def sbatch_line(layout: Layout, gbs: int, seq: int, cfg: Config, nodes: int) -> Optional[str]:
+    """The same layout as a Slurm job of the preset's script, when there is one."""
+    script = f"slurm/pretrain_{cfg.model.preset}.sh"
+    if not cfg.model.preset or not (Path(__file__).resolve().parents[1] / script).is_file():
+        return None
+    env = [f"MEGAMOR_TP={layout.tp}", f"MEGAMOR_PP={layout.pp}", f"MEGAMOR_MBS={layout.mbs}",
+           f"MEGAMOR_GBS={gbs}"]
+    if layout.engine != "megatron":
+        env += ["MEGAMOR_ENGINE=deepspeed", f"MEGAMOR_ZERO_STAGE={layout.engine[-1]}"]
+    extra = [f"model.recompute={layout.recompute}"] if layout.recompute != "none" else []
+    if layout.sequence_parallel:
+        extra.append("parallel.sequence_parallel=true")
+    if seq != cfg.model.seq_length:
+        extra.append(f"model.seq_length={seq}")
+    return " ".join(env + ["sbatch", f"--nodes={nodes}", script] + extra)
+
+
 def cmd_plan(args) -> int:
     try:
         overrides = list(args.overrides)
@@ -397,23 +478,33 @@ def cmd_plan(args) -> int:
                           achievable=args.achievable, intra_node_gbs=args.intra_node_gbs,
                           inter_node_gbs=args.inter_node_gbs)
         seq = args.seq or cfg.model.seq_length
+        gbs = args.gbs or cfg.train.global_batch_size  # the preset's batch by default
         engines = ENGINES if args.engines == "all" else tuple(args.engines.split(","))
         bad = [e for e in engines if e not in ENGINES]
         if bad:
             raise ConfigError(f"--engines: unknown {', '.join(bad)} (known: {', '.join(ENGINES)}, all)")
-        if seq < 1 or args.gbs < 1:
-            raise ConfigError(f"--seq={seq} and --gbs={args.gbs} must be >= 1")
-        preds = rank(cfg, seq, args.gbs, cluster, args.precision, engines)
+        if seq < 1 or gbs < 1:
+            raise ConfigError(f"--seq={seq} and --gbs={gbs} must be >= 1")
+        preds = rank(cfg, seq, gbs, cluster, args.precision, engines)
     except ConfigError as e:
         sys.exit(f"megamor: plan error: {e}")
     m = cfg.model
     print(f"model {m.preset or 'custom'} ({m.arch}, {m.num_layers} unrolled layers, hidden "
-          f"{m.hidden_size}), seq {seq}, global batch {args.gbs} sequences, {args.precision}; "
+          f"{m.hidden_size}), seq {seq}, global batch {gbs} sequences, {args.precision}; "
           f"{cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs of {cluster.gpu_memory_gb:g} GB, "
           f"{cluster.peak_tflops:g} TFLOP/s peak at {100 * cluster.achievable:.0f}% achievable")
     fitting = sum(p.fits for p in preds)
     print(f"{len(preds)} layouts, {fitting} fit in {100 * cluster.usable_memory:.0f}% of GPU memory")
     print(format_table(preds, args.top))
+    import textwrap
+    print(textwrap.fill(COLUMNS, width=100, subsequent_indent="  "))
+    best = preds[0]
+    if best.fits:
+        print("row 1 as overrides (megamor pretrain, launch.slurm): "
+              + " ".join(layout_overrides(best.layout, gbs, seq, cfg)))
+        line = sbatch_line(best.layout, gbs, seq, cfg, cluster.nodes)
+        if line:
+            print(f"row 1 as a Slurm job: {line}")
     if not fitting:
         print("no layout fits: more GPUs, a smaller micro-batch, recompute=full or a shorter "
               "sequence", file=sys.stderr)
@@ -428,7 +519,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--preset", help="model preset (model.preset=...)")
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's)")
-    p.add_argument("--gbs", type=int, default=256, help="global batch, sequences")
+    p.add_argument("--gbs", type=int, default=None,
+                   help="global batch, sequences (default: the config's train.global_batch_size; "
+                        "256 for the paper presets)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--engines", default="megatron",
                    help="megatron (the default engine), or a list with the DeepSpeed engine's "

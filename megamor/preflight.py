@@ -7,9 +7,13 @@ directories (writable, or creatable), the data (every component of `data.path` e
 manifest with a non-empty `train` split of `model.seq_length`, its shard files are there with
 the sizes the manifest lists; the tokenizer loads and its fingerprint matches every manifest;
 the embedded corpus, `data.path=builtin`, is built and checked by the ranks themselves),
-and the checkpoint to resume (complete, resumable, same model shape, same tokenizer, schedule
-options that `megamor/schedule.py` accepts). Checksums of shards are not computed here (that
-would read the whole dataset); the ranks verify each shard when they first read it.
+the checkpoint to resume (complete, resumable, same model shape, same tokenizer, schedule
+options that `megamor/schedule.py` accepts; `auto` passes over checkpoints with missing or
+short files), the checkpoint directory's owner (no other run's checkpoints there, see
+megamor/lineage.py), `checkpoint.init_from` (shape and tokenizer), and the free space for
+checkpoints (refused below one predicted checkpoint, a warning below two). Checksums of shards
+and checkpoint files are not computed here (that would read them whole); the ranks verify them
+when they read them.
 
 Used by `megamor pretrain` (before starting ranks) and `python -m launch.slurm --check` (the
 Slurm batch step). Raises ConfigError, DataError, CheckpointError or PreflightError; each message
@@ -19,19 +23,13 @@ names the option or file.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
 from megamor.config import Config
-from megamor.errors import InputError
+from megamor.errors import InputError, PreflightError  # noqa: F401 (re-exported)
 
-
-class PreflightError(InputError, RuntimeError):
-    """A run that cannot start; `kind` is the error line's kind (`output`)."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
 
 
 def checkpoint_root(cfg: Config) -> Path:
@@ -39,12 +37,17 @@ def checkpoint_root(cfg: Config) -> Path:
     return Path(c.dir) if c.dir else Path(cfg.run.output_dir) / "checkpoints"
 
 
-def check_before_start(cfg: Config, world_size: Optional[int]) -> None:
+def check_before_start(cfg: Config, world_size: Optional[int]) -> list[str]:
+    """Raises on the first problem; returns warnings (one line each) for the caller to print."""
     cfg.validate(world_size=world_size)
     check_engine(cfg)
     check_output_dirs(cfg)
     tokenizer = check_data(cfg)
-    check_resume(cfg, tokenizer)
+    resumed = check_resume(cfg, tokenizer)
+    check_ownership(cfg, resumed)
+    if resumed is None:
+        check_init_from(cfg, tokenizer)
+    return check_free_space(cfg, tokenizer)
 
 
 def check_engine(cfg: Config) -> None:
@@ -114,7 +117,7 @@ def check_data(cfg: Config):
     for c in comps:
         try:
             ds = ShardedTokenDataset(c.path, "train", expect_seq_length=cfg.model.seq_length,
-                                     expect_fingerprint=tok.fingerprint)
+                                     expect_fingerprint=tok.fingerprints)
         except DataError as e:
             if "seq_length mismatch" in str(e):
                 raise DataError(f"{e} (model.seq_length={cfg.model.seq_length}; prepare the data "
@@ -145,28 +148,137 @@ def _manifest_seq_length(path: Path) -> int:
 # ----------------------------------------------------------------------------- resume
 
 
-def check_resume(cfg: Config, tokenizer) -> None:
-    """The checkpoint `checkpoint.resume` names (or `auto` finds) can be resumed with `cfg`."""
+def check_resume(cfg: Config, tokenizer) -> Optional[Path]:
+    """The checkpoint `checkpoint.resume` names (or `auto` finds) can be resumed with `cfg`;
+    returns it (None: a fresh start). `auto` passes over checkpoints whose metadata or file
+    sizes are wrong, as the ranks will (they also verify checksums and say what they skip)."""
     resume = cfg.checkpoint.resume
     if resume is None:
-        return
-    root = checkpoint_root(cfg) if resume == "auto" else Path(resume)
-    if resume == "auto" and not any(root.glob("step_*")):
-        return  # nothing saved yet: a fresh start
+        return None
     from megamor.checkpoint import (CheckpointError, check_model_shape, check_resumable,
-                                    read_meta, resolve_resume, verify_files)
+                                    previous_hint, quick_problem, read_meta,
+                                    resume_candidates)
     from megamor.schedule import plan_resume, saved_schedule
 
-    path = resolve_resume(resume, root)
+    candidates, explicit = resume_candidates(resume, checkpoint_root(cfg))
+    path = None
+    for cand in candidates:
+        problem = quick_problem(cand)
+        if problem is None:
+            path = cand
+            break
+        if explicit:
+            raise CheckpointError(f"{problem}; {previous_hint(cand)}")
     if path is None:
-        return  # auto, nothing saved yet: a fresh start
+        if candidates:
+            raise CheckpointError(f"no intact checkpoint under {candidates[0].parent}: "
+                                  f"{quick_problem(candidates[0])}")
+        return None  # auto, nothing saved yet: a fresh start
     meta = read_meta(path)
     check_resumable(meta, path, cfg.parallel.engine)
     check_model_shape(meta, cfg.model, path)
-    if tokenizer is not None and meta.get("tokenizer_fingerprint") != tokenizer.fingerprint:
+    if tokenizer is not None and not tokenizer.matches(meta.get("tokenizer_fingerprint")):
         raise CheckpointError(
             f"{path}: saved with tokenizer {meta.get('tokenizer_fingerprint')}, the data now "
             f"uses {tokenizer.fingerprint}")
-    verify_files(path)
     saved, state = saved_schedule(path, meta)
     plan_resume(saved, state, cfg.train, meta["step"], path)
+    return path
+
+
+def check_ownership(cfg: Config, resumed: Optional[Path]) -> None:
+    """The checkpoint root holds no other run's checkpoints (megamor/lineage.py), unless
+    `checkpoint.new_lineage` will move them aside."""
+    from megamor import lineage
+    from megamor.checkpoint import read_meta
+
+    if cfg.checkpoint.new_lineage:
+        return
+    root = checkpoint_root(cfg)
+    own = lineage.lineage_of(read_meta(resumed)) if resumed is not None else None
+    others = lineage.foreign(root, own)
+    if others:
+        raise PreflightError("output", lineage.ownership_error(root, others, resumed))
+
+
+def check_init_from(cfg: Config, tokenizer) -> None:
+    """`checkpoint.init_from` (used when nothing is resumed): a complete checkpoint of the
+    configured shape whose tokenizer is the data's. For the embedded corpus the tokenizer is
+    compared once the corpus is built (the ranks compare it otherwise)."""
+    init = cfg.checkpoint.init_from
+    if not init:
+        return
+    from megamor.checkpoint import CheckpointError, check_model_shape, quick_problem, read_meta
+
+    path = Path(init)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint.init_from={init}: {path} does not exist")
+    if path.is_dir() and not (path / "megamor.json").is_file():
+        from megamor.checkpoint import find_latest
+        path = find_latest(path) or path  # a checkpoint root: its newest checkpoint
+    problem = quick_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint.init_from={init}: {problem}")
+    meta = read_meta(path)
+    check_model_shape(meta, cfg.model, path)
+    if tokenizer is None and cfg.data.path == "builtin":
+        tokenizer = _builtin_tokenizer(cfg)
+    saved = meta.get("tokenizer_fingerprint")
+    if tokenizer is not None and not tokenizer.matches(saved):
+        raise CheckpointError(
+            f"checkpoint.init_from={init}: {path / 'megamor.json'} was saved with tokenizer "
+            f"{saved}, the data ({cfg.data.path}) uses {tokenizer.fingerprint}: tokenize the "
+            f"data with {path / 'tokenizer'} (`megamor data prepare INPUTS --out DIR "
+            f"--seq-length {cfg.model.seq_length} --tokenizer {path / 'tokenizer'}`) and set "
+            f"data.path=DIR")
+
+
+def _builtin_tokenizer(cfg: Config):
+    """The embedded corpus's tokenizer if it is already built, else None."""
+    from megamor.data.builtin import builtin_dataset_root
+    from tokenizer import TokenizerError, load_tokenizer
+
+    root = builtin_dataset_root(Path(os.path.expanduser(cfg.data.builtin_root)),
+                                cfg.model.seq_length, cfg.data.tokenizer_vocab_size)
+    try:
+        return load_tokenizer(root / "tokenizer") if (root / "tokenizer").is_dir() else None
+    except TokenizerError:
+        return None
+
+
+# ----------------------------------------------------------------------------- free space
+
+
+def check_free_space(cfg: Config, tokenizer) -> list[str]:
+    """Free space at the checkpoint directory against the predicted size of one checkpoint
+    (`megamor.planner.checkpoint_bytes`): below one, refuse; below two, warn."""
+    from megamor.checkpoint import _human_bytes
+    from megamor.planner import checkpoint_bytes
+
+    root = Path(os.path.expanduser(str(checkpoint_root(cfg)))).absolute()
+    existing = root
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return []
+    m, t = cfg.model, cfg.train
+    vocab = m.vocab_size or (tokenizer.vocab_size if tokenizer is not None
+                             else cfg.data.tokenizer_vocab_size)
+    step = m.make_vocab_size_divisible_by * cfg.parallel.tensor_model_parallel_size
+    padded = -(-vocab // step) * step
+    # `auto` is bf16 on a GPU, fp32 on the CPU; this process does not look for a GPU (importing
+    # torch costs seconds), so it counts fp32's larger checkpoint unless the device is named.
+    precision = t.precision if t.precision != "auto" else ("bf16" if t.device == "cuda" else "fp32")
+    need = checkpoint_bytes(cfg, padded, precision)
+    what = (f"{root}: {_human_bytes(free)} free, one checkpoint of this run takes about "
+            f"{_human_bytes(need)} ({precision}, {cfg.parallel.engine} engine; "
+            f"megamor/planner.py checkpoint_bytes)")
+    if free < need:
+        raise PreflightError("output", f"{what}: free space there, or set checkpoint.dir to a "
+                                       f"file system with room")
+    if free < 2 * need:
+        return [f"{what}: room for one more checkpoint only; a save that runs out of space ends "
+                f"the run (the previous checkpoint stays)"]
+    return []

@@ -3,6 +3,10 @@
 `num_layers` is the unrolled depth for the paper's MoR setting (N_r = 3, middle-cycle sharing):
 1 + B x 3 + 1. For a vanilla model of the paper's depth override it (e.g. 135m: 30 layers);
 start-up validation names the right value when depth, N_r and sharing do not fit.
+
+The paper shapes also set their batch (`PRESET_TRAIN`): global batch 256 sequences, what
+`megamor plan` assumes by default and what `slurm/pretrain_<preset>.sh` trains with, and that
+script's micro-batch (docs/performance.md, "The Slurm defaults").
 """
 
 MODEL_PRESETS: dict[str, dict] = {
@@ -20,4 +24,13 @@ MODEL_PRESETS: dict[str, dict] = {
                  ffn_hidden_size=4096, seq_length=2048, num_recursions=3, vocab_size=49152),
     "1p7b": dict(num_layers=26, hidden_size=2048, num_attention_heads=32, num_query_groups=32,
                  ffn_hidden_size=8192, seq_length=2048, num_recursions=3, vocab_size=49152),
+}
+
+# train.* defaults of a preset (explicit options win); slurm/pretrain_<preset>.sh DEFAULT_GBS
+# and DEFAULT_MBS agree (tests/test_planner.py).
+PRESET_TRAIN: dict[str, dict] = {
+    "135m": dict(global_batch_size=256, micro_batch_size=8),
+    "360m": dict(global_batch_size=256, micro_batch_size=8),
+    "730m": dict(global_batch_size=256, micro_batch_size=4),
+    "1p7b": dict(global_batch_size=256, micro_batch_size=4),
 }

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
@@ -30,9 +29,10 @@ from megamor.flops import flops_per_step, peak_flops_per_device
 from megamor.console import (MfuWindow, banner, checkpoint_line, mlflow_location,
                              parameter_count, silence_expected_megatron_noise, summary_line)
 from megamor.tracking import create_tracker
-from megamor.checkpoint import (EXIT_PREEMPTED, OPTIMIZER_FORMAT, Checkpointer, atomic_write,
-                                resolve_resume)
-from megamor.lifecycle import PREEMPTED_MARKER, STOP_SIGNALS, exit_with_launcher
+from megamor.checkpoint import EXIT_PREEMPTED, OPTIMIZER_FORMAT, Checkpointer, atomic_write
+from megamor.lifecycle import PREEMPTED_MARKER, STOP_SIGNALS, InterruptCounter, exit_with_launcher
+from megamor.step_health import (NonFiniteError, RouterAlerts, StepHealth, local_nonfinite,
+                                 nonfinite_anywhere)
 from megamor.progress import Progress
 from megamor.stragglers import Stragglers, line_part
 from megamor.schedule import build_scheduler, plan_resume, saved_schedule
@@ -49,22 +49,27 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def router_warnings(m: dict, tokens_per_step: int) -> list[str]:
-    """Early warnings of router collapse from one logged step's (global) statistics."""
+def router_alerts(m: dict, tokens_per_step: int) -> list[tuple[str, str]]:
+    """Early warnings of router collapse from one step's (global) statistics: (kind, text)."""
     out = []
     for k, v in m.items():
         if k.startswith("router/depth") and k.endswith("/tokens") and v < 0.01 * tokens_per_step:
-            out.append(f"router collapse: {k.split('/')[1]} received {100 * v / tokens_per_step:.2f}% "
-                       f"of the tokens at step {m['step']}")
+            out.append((k, f"router collapse: {k.split('/')[1]} received "
+                           f"{100 * v / tokens_per_step:.2f}% of the tokens at step {m['step']}"))
         if k.endswith("sampling_acc") and m["step"] > 100 and v < 0.6:
-            out.append(f"{k}: threshold routing agrees with top-k on only {100 * v:.0f}% of "
-                       f"tokens at step {m['step']}; inference routing will differ")
+            out.append((k, f"{k}: threshold routing agrees with top-k on only {100 * v:.0f}% of "
+                           f"tokens at step {m['step']}; inference routing will differ"))
     dead, chance = m.get("router/dead_token_ratio"), m.get("router/dead_token_ratio_chance", 0.0)
     if dead is not None and dead > chance + 0.05:
-        out.append(f"router collapse: {100 * dead:.1f}% of sequence positions were never selected "
-                   f"past recursion step 1 in the window ending at step {m['step']} (chance "
-                   f"level {100 * chance:.1f}%)")
+        out.append(("router/dead_token_ratio",
+                    f"router collapse: {100 * dead:.1f}% of sequence positions were never "
+                    f"selected past recursion step 1 in the window ending at step {m['step']} "
+                    f"(chance level {100 * chance:.1f}%)"))
     return out
+
+
+def router_warnings(m: dict, tokens_per_step: int) -> list[str]:
+    return [text for _, text in router_alerts(m, tokens_per_step)]
 
 
 class Preempted(SystemExit):
@@ -89,7 +94,7 @@ def open_dataset(cfg: Config):
     else:
         spec = cfg.data.path
     tok = load_tokenizer(cfg.data.tokenizer or Path(parse_data_spec(spec)[0].path) / "tokenizer")
-    train = open_training_data(spec, cfg.model.seq_length, tok.fingerprint, seed=cfg.data.seed,
+    train = open_training_data(spec, cfg.model.seq_length, tok.fingerprints, seed=cfg.data.seed,
                                on_corrupt=cfg.data.on_corrupt)
     return tok, train
 
@@ -100,6 +105,7 @@ class Trainer:
         # Step and phase for the hang watchdog (megamor/watchdog.py), from the start.
         self.progress = Progress.from_env(int(os.environ.get("RANK", "0")))
         self._signal: Optional[int] = None
+        self._interrupts = InterruptCounter()
         if cfg.checkpoint.save_on_signal:
             # Installed first: a signal during start-up is honoured after the first step.
             for s in STOP_SIGNALS:
@@ -132,8 +138,12 @@ class Trainer:
         self.tracking_run_id: Optional[str] = None
         ck = cfg.checkpoint
         self.checkpointer = Checkpointer(self.checkpoint_root, ck.keep_last, ck.keep_every, ck.async_save)
-        self.resumed_from = resolve_resume(ck.resume, self.checkpoint_root)
+        # Verified against its checksums; the checkpoint root claimed (megamor/lineage.py).
+        self.resumed_from = self.checkpointer.select(ck.resume, ck.new_lineage)
         self.initialised_from: Optional[Path] = None
+        self.health = StepHealth(t.on_nonfinite, t.max_nonfinite_in_row,
+                                 cfg.tracking.loss_spike_factor)
+        self.router_alerts = RouterAlerts()
         self._restore()
         self.tracker = create_tracker(cfg.tracking.enabled, self.dims.rank == 0)
         # Dead-token window: per-position selection counts since the last log line (all ranks).
@@ -268,16 +278,33 @@ class Trainer:
             micro_batch_size=cfg.train.micro_batch_size, forward_only=False,
             adjust_tensor_shapes_fn=adjust_shapes if dims.pp > 1 else None)
         self.progress.enter("optimizer", self.step + 1)
-        ok, grad_norm, _ = self.optimizer.step()
-        if ok:
+        # A NaN or infinity in any rank's loss or gradients: no update (megamor/step_health.py).
+        skipped = nonfinite_anywhere(local_nonfinite([l["lm_loss"] for l in losses],
+                                                     self._grad_tensors()), self.device)
+        if skipped:
+            ok, grad_norm = False, float("nan")
+        else:
+            ok, grad_norm, _ = self.optimizer.step()
+        if ok or skipped:  # a skipped step still advances the LR schedule
             self.scheduler.step(increment=cfg.train.global_batch_size)
-        self.stage.update_router_bias()
+        if not skipped:
+            self.stage.update_router_bias()
         self.step += 1
         self.consumed_samples += cfg.train.global_batch_size
         self.progress.enter("metrics", self.step)
         metrics = self._reduce_metrics(losses, grad_norm, time.perf_counter() - t0)
+        if skipped:
+            metrics["nonfinite"] = 1
         self.history.append(metrics)
         return metrics
+
+    def _grad_tensors(self) -> list:
+        """This rank's gradients, reduced: DDP's contiguous buffers (one tensor each)."""
+        buffers = getattr(self.model, "buffers", None)
+        if isinstance(buffers, list):
+            return [b.grad_data for b in buffers + list(getattr(self.model,
+                                                                "expert_parallel_buffers", []))]
+        return [getattr(p, "main_grad", p.grad) for p in self.model.parameters()]
 
     def _reduce_metrics(self, losses, grad_norm, seconds: float) -> dict:
         """Gather one step's numbers onto every rank: loss from the last stage (mean over data
@@ -379,11 +406,12 @@ class Trainer:
             "layout": {"tp": p.tp, "pp": p.pp, "dp": p.dp},
             "tokenizer_fingerprint": self.tokenizer.fingerprint,
             "tracking_run_id": self.tracking_run_id,
+            "step_health": self.health.state(),
         }
 
     def load_loaded_state(self, loaded: dict, meta: dict) -> None:
         from megamor.checkpoint import CheckpointError
-        if meta.get("tokenizer_fingerprint") != self.tokenizer.fingerprint:
+        if not self.tokenizer.matches(meta.get("tokenizer_fingerprint")):
             raise CheckpointError(
                 f"{self.resumed_from}: saved with tokenizer {meta.get('tokenizer_fingerprint')}, "
                 f"the data now uses {self.tokenizer.fingerprint}")
@@ -406,11 +434,12 @@ class Trainer:
             self.scheduler.step(increment=saved_state["num_steps"])
             self.schedule_note = plan.message
         set_rng_state(meta["rng"])
+        self.health.load(meta.get("step_health"))
         self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
         self.tracking_run_id = meta.get("tracking_run_id")
 
-    def router_warnings(self, m: dict) -> list[str]:
-        return router_warnings(m, self.cfg.train.global_batch_size * self.cfg.model.seq_length)
+    def router_warnings(self, m: dict) -> list[tuple[str, str]]:
+        return router_alerts(m, self.cfg.train.global_batch_size * self.cfg.model.seq_length)
 
     # ------------------------------------------------------------------ depth maps
 
@@ -539,8 +568,9 @@ class Trainer:
     # ------------------------------------------------------------------ signals
 
     def _on_signal(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self._signal == signal.SIGINT:
-            # A second Ctrl-C: stop now; an unfinished save stays an invisible .tmp directory.
+        if signum == signal.SIGINT and self._interrupts.second() and self._signal == signal.SIGINT:
+            # A second Ctrl-C (not the same keypress forwarded twice: lifecycle.InterruptCounter):
+            # stop now; an unfinished save stays an invisible .tmp directory.
             print("megamor: interrupted twice: stopping without a checkpoint", file=sys.stderr,
                   flush=True)
             os._exit(130)
@@ -578,15 +608,10 @@ class Trainer:
         return " | ".join(parts)
 
     def _open_metrics_log(self, out: Path):
-        """metrics.jsonl, one line per step; on resume, lines after the resumed step are dropped
-        so that no step appears twice."""
-        path = out / "metrics.jsonl"
-        kept = []
-        if self.resumed_from is not None and path.exists():
-            kept = [l for l in path.read_text().splitlines()
-                    if l.strip() and json.loads(l)["step"] <= self.step]
-        path.write_text("".join(l + "\n" for l in kept))
-        return open(path, "a")
+        """metrics.jsonl, one line per step, never overwritten (megamor/lineage.py): a fresh start
+        moves an old one aside; a resume moves lines after its step to metrics.replaced.jsonl."""
+        from megamor.lineage import open_metrics
+        return open_metrics(out / "metrics.jsonl", self.step if self.resumed_from else None)
 
     def _data_description(self) -> str:
         d = self.cfg.data
@@ -667,15 +692,25 @@ class Trainer:
                 if self.logs_at(m["step"]):  # every rank: a window's straggler report
                     stats, straggler = self.stragglers.close_window(m["step"])
                     m.update(stats)
-                if not math.isfinite(m["loss"]):
-                    raise FloatingPointError(f"loss became {m['loss']} at step {m['step']}")
+                # Non-finite steps counted (stops the run after too many), loss spikes reported.
+                stop_error = None
+                try:
+                    health = self.health.record(m, m.get("nonfinite", 0) == 1,
+                                                self.checkpointer.last_saved)
+                except NonFiniteError as e:
+                    stop_error, health = e, []
                 if log is not None:
-                    alerts = self.router_warnings(m) if self.logs_at(m["step"]) else []
+                    self.router_alerts.add(self.router_warnings(m))
+                    alerts = self.router_alerts.close(m["step"]) if self.logs_at(m["step"]) else []
                     if alerts:
                         m["router/warnings"] = len(alerts)
                     log.write(json.dumps(m) + "\n")
                     log.flush()
                     self.tracker.log_metrics(m["step"], m)
+                    for w in health:
+                        print(f"WARNING: {w}", flush=True)
+                    if "loss_spike" in m:
+                        self.tracker.set_tags({"megamor.loss_spike": health[-1]})
                     if self.logs_at(m["step"]):
                         line = self.format_line(m)
                         if self.tracker.pending:  # the tracking store is unreachable
@@ -690,6 +725,8 @@ class Trainer:
                             print(f"WARNING: {straggler}", flush=True)
                             self.tracker.set_tags({"megamor.straggler_warning":
                                                    f"step {m['step']}: {straggler}"})
+                if stop_error is not None:
+                    raise stop_error
                 if self.depth_map_due(self.step):
                     self.progress.enter("evaluation", self.step)
                     self.log_depth_map(out)

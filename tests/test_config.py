@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +143,43 @@ def test_the_gpu_of_a_rank_follows_what_it_sees(monkeypatch, visible, local_rank
             resolve_device(cfg)
     else:
         assert resolve_device(cfg) == torch.device("cuda", want)
+
+
+def test_option_errors_name_the_override_not_defaults():
+    """Issue 19 item 7: errors about command-line options said `<defaults>:`."""
+    for override, words in (("model.hiden_size=3", ["model.hiden_size=3: unknown option 'hiden_size'"]),
+                            ("modle.x=1", ["modle.x=1: unknown section 'modle'"]),
+                            ("model.hidden_size=abc", ["model.hidden_size: expected an integer"]),
+                            ("model.preset=nope", ["model.preset='nope' is unknown"])):
+        msg = err(override)
+        assert "<defaults>" not in msg and all(w in msg for w in words), msg
+
+
+def test_help_and_config_show_do_not_load_torch():
+    """Issue 19 item 7: `megamor --help` and `config show` answered in seconds, importing
+    megatron-core; they must not import torch at all (the timing itself is not asserted)."""
+    code = ("import sys, contextlib, io\n"
+            "from megamor.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
+            "    main(['config', 'show', 'model.preset=1p7b'])\n"
+            "print(sorted(m for m in ('torch', 'megatron') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_paper_presets_carry_the_batch_of_their_slurm_scripts():
+    """Issue 19 item 7: the 1p7b preset trained with global batch 16 while the planner assumed
+    256 and the Slurm script set 256."""
+    import re
+    from megamor.presets import PRESET_TRAIN
+    root = Path(__file__).resolve().parents[1]
+    for preset, train in PRESET_TRAIN.items():
+        script = (root / "slurm" / f"pretrain_{preset}.sh").read_text()
+        gbs = int(re.search(r"^DEFAULT_GBS=(\d+)", script, re.M).group(1))
+        mbs = int(re.search(r"^DEFAULT_MBS=(\d+)", script, re.M).group(1))
+        cfg = load_config(None, [f"model.preset={preset}"])
+        assert (cfg.train.global_batch_size, cfg.train.micro_batch_size) == (gbs, mbs) == \
+            (train["global_batch_size"], train["micro_batch_size"])
+    # explicit options still win over the preset's
+    assert load_config(None, ["model.preset=1p7b", "train.global_batch_size=64"]).train.global_batch_size == 64

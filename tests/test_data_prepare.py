@@ -461,14 +461,19 @@ def test_cli_prepare_and_inspect(tmp_path, tok, docs, capsys):
     text = capsys.readouterr().out
     assert "train:" in text and "val:" in text and "per worker" in text
     assert main(args) == 0 and "up to date" in capsys.readouterr().out
-    assert main(["data", "inspect", str(out), "--verify", "--show", "1"]) == 0
+    assert main(["data", "inspect", str(out), "--verify"]) == 0
     text = capsys.readouterr().out
-    assert "verify train/shard-000000.tar: ok" in text and "--- sample 0 ---" in text
+    assert "verify train/shard-000000.tar: ok" in text
+    n = text.count(": ok")  # one summary line at the end (issue 19 item 7)
+    assert text.splitlines()[-1] == (f"verified {n} shard(s) of 1 dataset(s): all intact (size, "
+                                     f"sha256, tar)")
+    assert main(["data", "inspect", str(out), "--show", "1"]) == 0
+    assert "--- sample 0 ---" in capsys.readouterr().out
     assert main(["data", "inspect", f"0.5:{out},0.5:{out}"]) == 0
     assert "blend of" in capsys.readouterr().out
     shard = out / "val" / "shard-000000.tar"
     shard.write_bytes(shard.read_bytes()[:1000])
-    with pytest.raises(SystemExit, match=r"1 shard\(s\) failed verification"):
+    with pytest.raises(SystemExit, match=r"1 of \d+ shard\(s\) failed verification"):
         main(["data", "inspect", str(out), "--verify"])
     assert "truncated" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"megamor: data error: .*x\.jsonl:1: no text field 'body'"):
@@ -492,3 +497,34 @@ def test_quickstart_dataset_is_the_prepare_path(tmp_path):
     want.pop(".lock")
     assert _all_bytes(out) == want
     assert set(load_manifest(out).splits) == {"train", "val"}
+
+
+def test_data_with_the_previous_fingerprint_form_stays_usable(tmp_path, tok, docs):
+    """Issue 19 item 6: the tokenizer fingerprint now covers only what changes token ids. Data
+    prepared before (its manifest carries the hash of the whole tokenizer.json) still opens
+    with the same tokenizer, and `data prepare` still finds it up to date."""
+    from megamor.data.prepare import _fingerprint
+    from megamor.data.shard_reader import ShardedTokenDataset
+
+    src = _jsonl(tmp_path / "x.jsonl", docs)
+    out = tmp_path / "o"
+    args = dict(samples_per_shard=64, workers=0, progress=False)
+    prepare_dataset([str(src)], tok, SEQ, out, **args)
+    assert tok.fingerprint != tok.legacy_fingerprint
+    # Rewrite the manifest as the previous megamor wrote it.
+    raw = json.loads((out / "manifest.json").read_text())
+    old_fp = _fingerprint([{k: v for k, v in i.items() if k != "path"}
+                           for i in raw["prepare"]["inputs"]], raw["prepare"]["options"],
+                          tok.legacy_fingerprint)
+    raw["tokenizer_fingerprint"], raw["prepare"]["fingerprint"] = tok.legacy_fingerprint, old_fp
+    for split in raw["splits"].values():
+        split["source_sha256"] = old_fp
+    (out / "manifest.json").write_text(json.dumps(raw))
+    assert len(ShardedTokenDataset(out, "train", expect_fingerprint=tok.fingerprints)) > 0
+    assert prepare_dataset([str(src)], tok, SEQ, out, **args).up_to_date
+    # post-processors do not change token ids: not part of the fingerprint
+    from tokenizers import Tokenizer as HFTokenizer, processors
+    hf = HFTokenizer.from_str(tok.hf.to_str())
+    hf.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    other = Tokenizer(hf, tok.eos_token, tok.pad_token)
+    assert other.fingerprint == tok.fingerprint and other.legacy_fingerprint != tok.legacy_fingerprint

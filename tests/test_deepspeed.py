@@ -62,6 +62,22 @@ def test_stop_and_resume_continues_identically(runs):
 
 
 @pytest.mark.slow
+def test_corrupt_engine_state_is_skipped_and_non_finite_steps_change_nothing(runs):
+    """Issue 19, the DeepSpeed engine: its engine-state files are checksummed like the shards
+    (--resume auto falls back past a damaged one), and a non-finite step's update never reaches
+    the weights (DeepSpeed's own skip, counted by megamor), at ZeRO-2 and ZeRO-3."""
+    root, r = runs
+    assert "deepspeed/state/" in r["corrupt/file"]
+    assert r["corrupt"]["resumed_from"].endswith("step_00000002")
+    assert r["corrupt"]["loss"] == r["resume2/full"]["loss"][2:]  # exactly the run it continues
+    for z in (2, 3):
+        res = r[f"nonfinite/zero{z}"]
+        w = res["weights"]  # w[k]: after step k
+        assert res["nonfinite"] == [0, 0, 1, 0], (z, res["nonfinite"])
+        assert w[2] == w[3] and w[3] != w[4] and w[1] != w[2], (z, w)
+
+
+@pytest.mark.slow
 def test_offload_reaches_deepspeed_and_trains(runs):
     _, r = runs
     ref = r["reference/mor_ec"]["loss"]

@@ -36,8 +36,11 @@ def test_html_escapes_text():
     assert "&lt;script&gt;" in page and "&amp;" in page and "alert(&#x27;x&#x27;)" in page
     assert "a &lt;b&gt; title" in page
     assert page.count('title="depth ') == 6
-    for d in range(4):
+    for d in range(1, 4):
         assert f">depth {d}</span>" in page  # legend
+    # Every token passes step 1: no depth-0 entry unless a token has depth 0.
+    assert ">depth 0</span>" not in page
+    assert ">depth 0</span>" in render_html(["a", "b"], [0, 2], max_depth=3)
     with pytest.raises(ValueError):
         render_html(["a"], [1, 2], 3)
 

@@ -58,6 +58,9 @@ def exported(trained, tmp_path_factory):
                                    str(trained / kind / "checkpoints"), str(dest)],
                                   capture_output=True, text=True, timeout=300)
             assert proc.returncode == 0, proc.stderr[-3000:]
+            # Not a terminal: no progress bars, no accelerator notice, one line (issue 19)
+            assert proc.stderr == "", proc.stderr[-3000:]
+            assert proc.stdout == f"exported {trained / kind / 'checkpoints'} -> {dest}\n"
         else:
             export_checkpoint(trained / kind / "checkpoints", dest)
         paths[kind] = dest

@@ -175,16 +175,48 @@ def test_shared_block_initialisations(tmp_path, llama8):
 # ----------------------------------------------------------------------------- up-training
 
 
-def pretrain(ck: Path, out: Path, builtin_root, nproc: int, extra: list, expect: int = 0):
+SIZE = [f"model.seq_length={SEQ}", "train.global_batch_size=8", "train.micro_batch_size=4",
+        "train.warmup_steps=1", "train.log_interval=1", "tracking.enabled=false"]
+
+
+def pretrain(ck: Path, out: Path, data: Path, nproc: int, extra: list, expect: int = 0):
     cmd = [sys.executable, "-m", "megamor.cli", "pretrain", "--nproc", str(nproc),
-           "--config", str(ck / "config.yaml"), f"model.seq_length={SEQ}",
-           f"data.builtin_root={builtin_root}", f"run.output_dir={out}",
-           "train.global_batch_size=8", "train.micro_batch_size=4", "train.warmup_steps=1",
-           "train.log_interval=1", "tracking.enabled=false", *extra]
+           "--config", str(ck / "config.yaml"), f"data.path={data}", f"run.output_dir={out}",
+           *SIZE, *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
+
+
+def readme_init_from_example() -> list[list[str]]:
+    """The README's up-training example: from-hf, data prepare with the imported tokenizer,
+    pretrain with init_from (issue 19: it failed as written, on data.path)."""
+    import shlex
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("megamor convert from-hf "))
+    return [shlex.split(l.split("  #")[0]) for l in lines[start:start + 3]]
+
+
+def run_readme_example(hf_dir: Path, tmp: Path, model_overrides: list, capsys):
+    """The README's three commands with this test's model, data, paths and sizes; the first two
+    in this process. Returns (checkpoint, prepared data, the pretrain command's arguments)."""
+    from megamor.cli import main
+
+    imp, prep, train = readme_init_from_example()
+    assert imp[:3] == ["megamor", "convert", "from-hf"] and len(imp) >= 5
+    ck, data = tmp / "ckpt" / "smol-mor", tmp / "prepared-smol"
+    assert main(["convert", "from-hf", str(hf_dir), str(ck), *model_overrides]) == 0
+    assert prep[:3] == ["megamor", "data", "prepare"] and "--tokenizer" in prep
+    assert prep[prep.index("--tokenizer") + 1] == f"{imp[4]}/tokenizer"
+    assert main(["data", "prepare", "builtin", "--out", str(data), "--seq-length", str(SEQ),
+                 "--tokenizer", str(ck / "tokenizer"), "--workers", "0", "--no-progress",
+                 "--val-fraction", "0"]) == 0
+    capsys.readouterr()
+    assert train[:2] == ["megamor", "pretrain"]
+    args = [a.replace(imp[4], str(ck)).replace(prep[prep.index("--out") + 1], str(data))
+            for a in train[2:]]
+    return ck, data, args
 
 
 def first_batch_loss(model, cfg) -> float:
@@ -204,22 +236,29 @@ def first_batch_loss(model, cfg) -> float:
 
 
 @pytest.mark.slow
-def test_up_training_from_an_imported_mor_model(tmp_path, builtin_root, llama8):
+def test_up_training_from_an_imported_mor_model(tmp_path, builtin_root, llama8, capsys):
+    """The README's example as written (with this test's model, data and sizes): import,
+    tokenize data with the imported tokenizer, train from the weights at TP 2."""
     from megamor.config import load_config
     from megamor.inference import build_single_process_model, load_for_inference
 
     hf_dir, _ = llama8
-    ck = import_hf(hf_dir, tmp_path / "mor", MIDDLE_CYCLE + ["routing.type=expert_choice"])
+    ck, data, args = run_readme_example(hf_dir, tmp_path, MIDDLE_CYCLE + ["routing.type=expert_choice"],
+                                        capsys)
+    assert args[:2] == ["--nproc", "2"] and f"checkpoint.init_from={ck}" in args
     run = tmp_path / "run"
-    tp2 = ["parallel.tensor_model_parallel_size=2", f"checkpoint.init_from={ck}"]
-    proc = pretrain(ck, run, builtin_root, 2, tp2 + ["train.train_steps=2"])
+    cmd = [sys.executable, "-m", "megamor.cli", "pretrain", *args, f"run.output_dir={run}", *SIZE,
+           "parallel.tensor_model_parallel_size=2", "train.train_steps=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert f"initialised the model weights from {ck}" in proc.stdout
     assert "resumed from" not in proc.stdout
     m = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in m] == [1, 2]  # a fresh start at step 0
 
     # Step 1's loss is the imported model's loss on global batch 0, not a fresh model's.
-    over = [f"model.seq_length={SEQ}", f"data.builtin_root={builtin_root}",
+    over = [f"model.seq_length={SEQ}", f"data.path={data}",
             "train.global_batch_size=8", "train.micro_batch_size=4"]
     cfg = load_config(ck / "config.yaml", over)
     model, _, _ = load_for_inference(ck)
@@ -229,8 +268,8 @@ def test_up_training_from_an_imported_mor_model(tmp_path, builtin_root, llama8):
     assert abs(fresh - imported) > 0.05, (fresh, imported)
 
     # A requeued job (here on one rank) resumes from its own checkpoint, not from init_from.
-    proc = pretrain(ck, run, builtin_root, 1, [f"checkpoint.init_from={ck}", "train.train_steps=3",
-                                               "checkpoint.resume=auto"])
+    proc = pretrain(ck, run, data, 1, [f"checkpoint.init_from={ck}", "train.train_steps=3",
+                                       "checkpoint.resume=auto"])
     assert f"resumed from {run / 'checkpoints' / 'step_00000002'} at step 2" in proc.stdout
     assert "init_from" in proc.stdout and "not used" in proc.stdout
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -238,7 +277,7 @@ def test_up_training_from_an_imported_mor_model(tmp_path, builtin_root, llama8):
 
     # --resume cannot take a weights-only checkpoint (refused before any rank starts); the
     # message names the alternative.
-    proc = pretrain(ck, tmp_path / "bad", builtin_root, 1, ["--resume", str(ck)], expect=2)
+    proc = pretrain(ck, tmp_path / "bad", data, 1, ["--resume", str(ck)], expect=2)
     assert "weights-only checkpoint" in proc.stderr and f"checkpoint.init_from={ck}" in proc.stderr
 
 
@@ -316,9 +355,77 @@ def test_vanilla_round_trip_is_lossless(tmp_path, llama6):
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    # Issue 19 item 6: the exported tokenizer.json gains a post-processor (transformers'), which
+    # changes no token id: the fingerprint stays, so the re-import's data still matches.
+    from tokenizer import load_tokenizer
+    assert json.loads((back / "tokenizer.json").read_text())["post_processor"] is not None
+    assert load_tokenizer(back).fingerprint == load_tokenizer(hf_dir).fingerprint
+    again = json.loads((import_hf(back, tmp_path / "again") / "megamor.json").read_text())
+    assert again["tokenizer_fingerprint"] == load_tokenizer(hf_dir).fingerprint
     ca, cb = (json.loads((d / "config.json").read_text()) for d in (hf_dir, back))
     for field in ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads",
                   "head_dim", "intermediate_size", "num_hidden_layers", "vocab_size",
                   "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "hidden_act",
                   "attention_bias", "mlp_bias", "max_position_embeddings", "initializer_range"):
         assert ca.get(field) == cb.get(field), (field, ca.get(field), cb.get(field))
+
+
+def test_mor_round_trip_gives_the_same_model(tmp_path, llama8):
+    """Issue 19 item 6: `from-hf` refused megamor's own MoR exports (model_type megamor_mor).
+    MoR -> HF -> MoR: the same config, tensors (routers included) and logits."""
+    from megamor.hf.export import export_checkpoint
+    from megamor.inference import load_for_inference
+
+    hf_dir, _ = llama8
+    ck = import_hf(hf_dir, tmp_path / "mor", MIDDLE_CYCLE + ["routing.type=token_choice",
+                                                             "routing.capacity=[1.0,0.5,0.25]"])
+    back = import_hf(export_checkpoint(ck, tmp_path / "hf"), tmp_path / "back")
+    a, b = read_tensors(ck), read_tensors(back)
+    assert a.keys() == b.keys() and any(k.startswith("routers.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    (ma, ca, ta), (mb, cb, tb) = load_for_inference(ck), load_for_inference(back)
+    assert (cb.model.arch, cb.model.num_recursions, cb.model.sharing, cb.routing.type) == \
+        (ca.model.arch, ca.model.num_recursions, ca.model.sharing, ca.routing.type)
+    assert cb.routing.capacities(3) == [1.0, 0.5, 0.25] and tb.fingerprint == ta.fingerprint
+    ids = torch.tensor([ta.encode("def twice(x):\n    return x * 2  # twice over")[:16]])
+    with torch.no_grad():
+        assert torch.equal(ma(input_ids=ids), mb(input_ids=ids))
+    assert cb.data.path is None  # the data to train on is the user's choice
+    with pytest.raises(ImportError_, match="routing.type=expert_choice cannot differ from the "
+                                           "exported megamor model"):
+        import_hf(tmp_path / "hf", tmp_path / "x", ["routing.type=expert_choice"])
+
+
+def test_imported_config_needs_data_and_a_matching_tokenizer_before_ranks_start(tmp_path, llama6,
+                                                                                capsys):
+    """Issue 19 item 6: an imported config carried data.path=builtin (the README's example
+    failed as written), and init_from with another tokenizer failed inside the ranks (exit 1
+    after 9 s) although the docs promise the check before they start (exit 2)."""
+    from megamor.cli import main
+    from megamor.data import prepare_dataset
+    from tokenizer import train_bpe
+
+    ck = import_hf(llama6[0], tmp_path / "ck")
+
+    def pretrain_line(*extra) -> str:
+        try:
+            rc = main(["pretrain", "--nproc", "2", "--config", str(ck / "config.yaml"),
+                       f"checkpoint.init_from={ck}", f"run.output_dir={tmp_path / 'run'}", *SIZE,
+                       *extra])
+        except SystemExit as e:
+            rc = e.code
+        text = capsys.readouterr()
+        assert rc == 2 and text.out == "" and text.err.count("\n") == 1, (rc, text)
+        return text.err
+
+    assert pretrain_line().startswith("megamor: config error: data.path is not set")
+    other = train_bpe(["some other words to tokenize, quite unlike the model's"] * 30, 300,
+                      tmp_path / "other_tok")
+    docs = tmp_path / "docs.txt"
+    docs.write_text("a few lines of text\n" * 400)
+    prepare_dataset([str(docs)], other, SEQ, tmp_path / "other_data", workers=0, progress=False,
+                    val_fraction=0.0)
+    line = pretrain_line(f"data.path={tmp_path / 'other_data'}")
+    assert line.startswith(f"megamor: checkpoint error: checkpoint.init_from={ck}: ")
+    assert other.fingerprint in line and f"--tokenizer {ck / 'tokenizer'}" in line

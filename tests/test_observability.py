@@ -66,6 +66,30 @@ def test_router_warnings_on_realistic_statistics():
                                        "router/depth1/tokens": 172.0}), tokens) == []
 
 
+def test_router_warnings_are_rate_limited():
+    """Issue 19 item 7: a collapsing router printed its warnings at every logged step. Now: once
+    per logging window and kind, with how many of the window's steps had it, and a warning
+    that persists is repeated only every few windows."""
+    from megamor.step_health import RouterAlerts
+
+    alerts = RouterAlerts(repeat_windows=3)
+    printed = []
+    for window in range(5):
+        for step in range(10 * window + 1, 10 * window + 11):
+            alerts.add([("router/depth3/tokens", f"router collapse: depth3 ... at step {step}")]
+                       + ([("router/dead_token_ratio", "dead")] if step % 10 == 0 else []))
+        printed.append(alerts.close(10 * window + 10))
+    assert printed[0] == ["dead (1 of the last 10 steps)",
+                          "router collapse: depth3 ... at step 10 (10 of the last 10 steps)"]
+    assert printed[1] == printed[2] == [] and printed[4] == []
+    assert printed[3][1].startswith("router collapse: depth3 ... at step 40 (10 of the last 10 "
+                                    "steps); repeated at most every 3 log lines")
+    alerts.add([])
+    assert alerts.close(51) == []
+    alerts.add([("router/depth3/tokens", "back")])  # gone, then back: said at once
+    assert alerts.close(52) == ["back"]
+
+
 # ----------------------------------------------------------------------------- one pipeline launch
 
 TEXT = "The quick brown fox jumps over the lazy dog, then the dog sleeps in the sun all day."

@@ -156,6 +156,16 @@ def test_plan_cli_prints_a_table_and_rejects_bad_input(capsys):
                      "--engines", "megatron", "--seq", "128", "model.vocab_size=1024"]) == 0
     text = capsys.readouterr().out
     assert "tp pp   dp mbs recompute" in text and text.count("megatron") == 3
+    # Issue 19 item 7: the columns explained, the first row as options
+    assert "columns: tp, pp, dp = tensor, pipeline, data parallel sizes" in text
+    assert "row 1 as overrides (megamor pretrain, launch.slurm): parallel.tensor_model_parallel_size=" in text
+    assert "train.global_batch_size=16" in text
+    # a preset with a Slurm script: its sbatch line; the batch defaults to the preset's (256)
+    assert cli_main(["plan", "--preset", "1p7b", "--nodes", "8", "--top", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "global batch 256 sequences" in text
+    line = next(l for l in text.splitlines() if l.startswith("row 1 as a Slurm job: "))
+    assert line.endswith("MEGAMOR_GBS=256 sbatch --nodes=8 slurm/pretrain_1p7b.sh")
     with pytest.raises(SystemExit, match="model.preset='nope' is unknown"):
         cli_main(["plan", "--preset", "nope"])
     # tiny allows tp <= 2 and pp <= 8, so 32 GPUs need dp >= 2, which a batch of 3 cannot feed.

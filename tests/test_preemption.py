@@ -32,8 +32,8 @@ NOISE = ("Traceback", "FAILED", "Error", "KeyboardInterrupt", "BrokenPipe", "tor
 HANG = 10  # run.hang_timeout (s) of the stall tests
 
 
-def launch(out: Path, builtin, extra=(), resume=False, env=None, **popen) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "megamor.cli", "pretrain", "--nproc", "2", *RUN,
+def launch(out: Path, builtin, extra=(), resume=False, env=None, wrapper=(), **popen) -> subprocess.Popen:
+    cmd = [*wrapper, sys.executable, "-m", "megamor.cli", "pretrain", "--nproc", "2", *RUN,
            f"data.builtin_root={builtin}", f"run.output_dir={out}", *extra]
     cmd += ["--resume", "auto"] if resume else []
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -102,15 +102,19 @@ def reference(tmp_path_factory, builtin_root):
 
 
 def test_signal_after_periodic_saves_resumes_to_same_loss(reference, tmp_path, builtin_root):
-    """SIGTERM after a sync periodic save, then, resumed with async saves, Ctrl-C (SIGINT) while
-    a periodic save may still be writing; the third run finishes with the reference's losses.
+    """SIGTERM after a sync periodic save, then, resumed with async saves, Ctrl-C (SIGINT, under
+    `timeout --foreground`, which delivers it twice) while a periodic save may still be writing;
+    the third run finishes with the reference's losses.
     (Before the fix: BrokenPipeError in megatron's writer, a leftover .tmp.step_*, exit 1; and
     Ctrl-C printed four tracebacks.)"""
     out = tmp_path / "run"
     mlflow = ["tracking.enabled=true"]
     _, first = stop_with(launch(out, builtin_root, mlflow), signal.SIGTERM, 4, out)
+    # Ctrl-C through a wrapper that forwards it to the process group the terminal signalled
+    # (timeout --foreground): the launcher gets SIGINT twice, microseconds apart, and must take
+    # it as one interrupt (issue 19 item 5; before: "interrupted twice", exit 130, no checkpoint).
     proc = launch(out, builtin_root, mlflow + ["checkpoint.async_save=true"], resume=True,
-                  start_new_session=True)
+                  wrapper=["timeout", "--foreground", "900"], start_new_session=True)
     stop_with(proc, signal.SIGINT, first + 2, out)
     proc = launch(out, builtin_root, mlflow, resume=True)
     text, _ = proc.communicate(timeout=600)

@@ -45,6 +45,21 @@ def _canonical_json(text: str) -> str:
     return json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+# The parts of tokenizer.json that decide token ids. Left out: the post-processor (special
+# tokens added around a sequence on request: megamor never asks, and transformers' export adds
+# a no-op TemplateProcessing), the decoder (ids -> text), truncation and padding.
+TOKEN_ID_FIELDS = ("model", "normalizer", "pre_tokenizer", "added_tokens")
+
+
+def token_id_fingerprint(hf: HFTokenizer) -> str:
+    """sha256 of the key-sorted JSON of `TOKEN_ID_FIELDS`: equal for tokenizers that map every
+    text to the same ids."""
+    data = json.loads(hf.to_str())
+    ids = {k: data.get(k) for k in TOKEN_ID_FIELDS}
+    return hashlib.sha256(json.dumps(ids, sort_keys=True, separators=(",", ":"),
+                                     ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
 class Tokenizer:
     """Thin wrapper around ``tokenizers.Tokenizer`` with EOS/PAD ids and a fingerprint.
 
@@ -66,9 +81,22 @@ class Tokenizer:
             raise TokenizerError(f"pad token {pad_token!r} is not in the vocabulary")
         # Fall back to EOS for padding: labels at padded positions are masked anyway.
         self.pad_id: int = pad_id if pad_id is not None else eos_id
-        self.fingerprint: str = hashlib.sha256(
+        self.fingerprint: str = token_id_fingerprint(hf)
+        # The form written before it covered only what changes token ids (the whole
+        # tokenizer.json): still accepted when reading manifests and checkpoints.
+        self.legacy_fingerprint: str = hashlib.sha256(
             _canonical_json(hf.to_str()).encode("utf-8")
         ).hexdigest()
+
+    @property
+    def fingerprints(self) -> tuple[str, str]:
+        """Every fingerprint this tokenizer answers to: the current form, then the legacy one."""
+        return self.fingerprint, self.legacy_fingerprint
+
+    def matches(self, fingerprint: str | None) -> bool:
+        """Whether data or a checkpoint recorded with `fingerprint` was tokenized by this
+        tokenizer (either form)."""
+        return fingerprint in self.fingerprints
 
     @property
     def vocab_size(self) -> int:
@@ -293,7 +321,7 @@ def load_from_checkpoint(checkpoint_dir: str | Path, expect_fingerprint: str | N
     """The tokenizer stored with a checkpoint; ``TokenizerError`` if it is not the expected one."""
     dest = Path(checkpoint_dir) / CHECKPOINT_TOKENIZER_DIR
     tok = load_tokenizer(dest)
-    if expect_fingerprint is not None and tok.fingerprint != expect_fingerprint:
+    if expect_fingerprint is not None and not tok.matches(expect_fingerprint):
         raise TokenizerError(f"{dest / TOKENIZER_FILE}: tokenizer fingerprint {tok.fingerprint} "
                              f"!= expected {expect_fingerprint} (checkpoint from another tokenizer)")
     return tok

@@ -40,7 +40,7 @@ def _check_complete(root: Path, seq_length: int, vocab_size: int) -> bool:
             f"{manifest_path}: built for seq_length={m.seq_length}, vocab_size={m.vocab_size}, "
             f"requested seq_length={seq_length}, vocab_size={vocab_size}; use another root "
             f"(see builtin_dataset_root)")
-    if m.tokenizer_fingerprint != tok.fingerprint:
+    if not tok.matches(m.tokenizer_fingerprint):
         return False  # tokenizer rewritten after the shards: rebuild shards
     return True
 

@@ -136,7 +136,7 @@ def cmd_data_inspect(args: Any) -> int:
 
     try:
         comps = parse_data_spec(args.target)
-        failures = 0
+        failures, verified = 0, 0
         for c in comps:
             m = load_manifest(c.path)
             weight = f" (weight {c.weight})" if c.weight is not None else ""
@@ -155,6 +155,7 @@ def cmd_data_inspect(args: Any) -> int:
                 for name in ([args.split] if args.split else sorted(m.splits)):
                     ds = ShardedTokenDataset(c.path, name)
                     for j, sh in enumerate(ds.info.shards):
+                        verified += 1
                         try:
                             ds.verify_shard(j)
                             status = "ok"
@@ -180,7 +181,10 @@ def cmd_data_inspect(args: Any) -> int:
     except (DataError, TokenizerError) as e:
         return _fail("data", e)
     if failures:
-        sys.exit(f"megamor: data error: {failures} shard(s) failed verification")
+        sys.exit(f"megamor: data error: {failures} of {verified} shard(s) failed verification")
+    if args.verify:
+        print(f"verified {verified} shard(s) of {len(comps)} dataset(s): all intact (size, "
+              f"sha256, tar)")
     return 0
 
 

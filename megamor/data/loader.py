@@ -105,7 +105,7 @@ class BlendedDataset(torch.utils.data.Dataset):
 def open_training_data(
     spec: str | Sequence[Any],
     seq_length: int,
-    expect_fingerprint: str | None = None,
+    expect_fingerprint: str | Sequence[str] | None = None,
     *,
     split: str = "train",
     seed: int = 0,

@@ -30,7 +30,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from megamor.errors import InputError
 
@@ -225,3 +225,9 @@ def write_manifest(path: Path, manifest: Manifest) -> None:
     """Write ``manifest`` to ``path`` atomically (sorted keys: byte-identical on re-runs)."""
     text = json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n"
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def accepted_fingerprints(fingerprint: str | Sequence[str]) -> tuple[str, ...]:
+    """A tokenizer fingerprint, or every form one tokenizer answers to (`Tokenizer.fingerprints`:
+    the current one first, then the legacy one older manifests carry)."""
+    return (fingerprint,) if isinstance(fingerprint, str) else tuple(fingerprint)

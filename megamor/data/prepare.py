@@ -276,14 +276,18 @@ def prepare_dataset(
     options = {"seq_length": seq_length, "samples_per_shard": samples_per_shard,
                "val_fraction": val_fraction, "text_field": text_field, "txt_mode": txt_mode,
                "hf_split": hf_split, "keep_boundaries": keep_boundaries, "seed": seed}
-    fp = _fingerprint([{k: v for k, v in h.items() if k != "path"} for h in input_hashes],
-                      options, tokenizer.fingerprint)
+    # Every fingerprint the tokenizer answers to (data prepared before the tokenizer
+    # fingerprint covered only what changes token ids carries the legacy form): still current.
+    tok_fps = getattr(tokenizer, "fingerprints", (tokenizer.fingerprint,))
+    inputs = [{k: v for k, v in h.items() if k != "path"} for h in input_hashes]
+    fps = [_fingerprint(inputs, options, t) for t in tok_fps]
+    fp = fps[0]
 
     existing = load_manifest(manifest_path) if manifest_path.exists() else None
-    check_compatible(existing, SPLITS, tokenizer.fingerprint, seq_length, manifest_path)
-    if (not force and existing is not None and existing.prepare is not None
-            and existing.prepare.get("fingerprint") == fp
-            and all(split_is_current(out, existing, s, fp, tokenizer.fingerprint, seq_length,
+    check_compatible(existing, SPLITS, tok_fps, seq_length, manifest_path)
+    prior = existing.prepare.get("fingerprint") if existing and existing.prepare else None
+    if (not force and prior in fps
+            and all(split_is_current(out, existing, s, prior, tok_fps, seq_length,
                                      samples_per_shard, keep_boundaries)
                     for s in SPLITS if s in existing.prepare.get("splits", ["train"]))):
         _save_tokenizer(tokenizer, out)

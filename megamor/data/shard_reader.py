@@ -16,13 +16,14 @@ import os
 import struct
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from wids.wids_mmtar import MMIndexedTar
 
-from megamor.data.manifest import DOCSTARTS_EXT, SAMPLE_EXT, DataError, load_manifest, sha256_file
+from megamor.data.manifest import (DOCSTARTS_EXT, SAMPLE_EXT, DataError, accepted_fingerprints,
+                                   load_manifest, sha256_file)
 
 CORRUPT_POLICIES = ("error", "skip")
 log = logging.getLogger("megamor.data")
@@ -49,7 +50,7 @@ class ShardedTokenDataset(torch.utils.data.Dataset):
         data_dir: str | Path,
         split: str = "train",
         expect_seq_length: int | None = None,
-        expect_fingerprint: str | None = None,
+        expect_fingerprint: str | Sequence[str] | None = None,
         *,
         verify_checksums: bool = True,
         on_corrupt: str = "error",
@@ -65,9 +66,11 @@ class ShardedTokenDataset(torch.utils.data.Dataset):
         if expect_seq_length is not None and self.manifest.seq_length != expect_seq_length:
             raise DataError(f"{mpath}: seq_length mismatch: manifest has "
                             f"{self.manifest.seq_length}, expected {expect_seq_length}")
-        if expect_fingerprint is not None and self.manifest.tokenizer_fingerprint != expect_fingerprint:
+        if expect_fingerprint is not None and \
+                self.manifest.tokenizer_fingerprint not in accepted_fingerprints(expect_fingerprint):
             raise DataError(f"{mpath}: tokenizer fingerprint mismatch: manifest has "
-                            f"{self.manifest.tokenizer_fingerprint}, expected {expect_fingerprint}")
+                            f"{self.manifest.tokenizer_fingerprint}, expected "
+                            f"{accepted_fingerprints(expect_fingerprint)[0]}")
         if split not in self.manifest.splits:
             raise DataError(f"{mpath}: no split {split!r} (have {sorted(self.manifest.splits)})")
         self.info = self.manifest.splits[split]

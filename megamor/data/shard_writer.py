@@ -23,6 +23,7 @@ from megamor.data.manifest import (
     SHARD_PATTERN,
     SHARD_RE,
     DataError,
+    accepted_fingerprints,
     Manifest,
     ShardInfo,
     SplitInfo,
@@ -193,17 +194,20 @@ def invalidate_splits(out_dir: str | Path, splits: Sequence[str]) -> Manifest | 
     return m
 
 
-def check_compatible(existing: Manifest | None, replacing: Sequence[str], fingerprint: str,
+def check_compatible(existing: Manifest | None, replacing: Sequence[str],
+                     fingerprint: str | Sequence[str],
                      seq_length: int, manifest_path: Path) -> None:
     """Splits kept beside new ones must share their tokenizer and sequence length."""
     if existing is None:
         return
     others = set(existing.splits) - set(replacing)
-    if others and (existing.tokenizer_fingerprint != fingerprint or existing.seq_length != seq_length):
+    if others and (existing.tokenizer_fingerprint not in accepted_fingerprints(fingerprint)
+                   or existing.seq_length != seq_length):
         raise DataError(
             f"{manifest_path}: existing splits {sorted(others)} use tokenizer "
             f"{existing.tokenizer_fingerprint[:12]}/seq_length={existing.seq_length}, "
-            f"cannot add split(s) {sorted(replacing)} with {fingerprint[:12]}/"
+            f"cannot add split(s) {sorted(replacing)} with "
+            f"{accepted_fingerprints(fingerprint)[0][:12]}/"
             f"seq_length={seq_length}; use a fresh out_dir")
 
 
@@ -223,7 +227,8 @@ def commit_manifest(out_dir: str | Path, existing: Manifest | None, new_splits: 
     return manifest
 
 
-def split_is_current(out: Path, m: Manifest, split: str, src: str, fingerprint: str,
+def split_is_current(out: Path, m: Manifest, split: str, src: str,
+                     fingerprint: str | Sequence[str],
                      seq_length: int, samples_per_shard: int, keep_boundaries: bool = False) -> bool:
     """True when ``split`` of manifest ``m`` was made from the same input and settings and all
     its shards are intact (size and sha256)."""
@@ -232,7 +237,7 @@ def split_is_current(out: Path, m: Manifest, split: str, src: str, fingerprint: 
         return False
     if s.doc_starts != keep_boundaries:
         return False
-    if m.tokenizer_fingerprint != fingerprint or m.seq_length != seq_length:
+    if m.tokenizer_fingerprint not in accepted_fingerprints(fingerprint) or m.seq_length != seq_length:
         return False
     for sh in s.shards:
         f = out / sh.file

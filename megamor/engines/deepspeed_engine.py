@@ -416,12 +416,18 @@ class DeepSpeedTrainer(Trainer):
             self.model.step()  # an optimizer step at the accumulation boundary only
             losses.append({"lm_loss": loss.detach()})
         grad_norm = self.model.get_global_grad_norm()
+        # DeepSpeed's ZeRO optimizers (>= 0.19.8, every stage, fp32 and bf16) skip the update of
+        # a step whose global gradient norm is not finite; megamor counts it (step_health.py).
+        skipped = not self.model.was_step_applied()
         self.scheduler.step(increment=cfg.train.global_batch_size)
-        self.stage.update_router_bias()
+        if not skipped:
+            self.stage.update_router_bias()
         self.step += 1
         self.consumed_samples += cfg.train.global_batch_size
         self.progress.enter("metrics", self.step)
         metrics = self._reduce_metrics(losses, grad_norm, time.perf_counter() - t0)
+        if skipped:
+            metrics["nonfinite"] = 1
         if self.allgather_meter is not None:  # this rank's ZeRO-3 parameter all-gathers
             metrics["zero3/allgather_bytes"] = self.allgather_meter.take()
         if self.shared_meter is not None:  # of which the shared recursion block's weights
@@ -462,7 +468,7 @@ class DeepSpeedTrainer(Trainer):
         meta = read_meta(path)
         check_resumable(meta, path, self.engine)
         check_model_shape(meta, self.cfg.model, path)
-        if meta.get("tokenizer_fingerprint") != self.tokenizer.fingerprint:
+        if not self.tokenizer.matches(meta.get("tokenizer_fingerprint")):
             raise CheckpointError(
                 f"{path}: saved with tokenizer {meta.get('tokenizer_fingerprint')}, the data now "
                 f"uses {self.tokenizer.fingerprint}")

@@ -7,7 +7,21 @@ steps over a paged KV cache (docs/generation.md).
         print(r.completion)
 """
 
-from megamor.generation.engine import Engine, EngineConfig, SCHEDULES
-from megamor.generation.requests import Request, RequestError, Result, parse_jsonl
 
-__all__ = ["Engine", "EngineConfig", "Request", "RequestError", "Result", "SCHEDULES", "parse_jsonl"]
+import importlib
+from typing import Any
+
+# Resolved on first use, so that `megamor --help` (which registers `generate`) loads no torch.
+_EXPORTS = {"Engine": "engine", "EngineConfig": "engine", "SCHEDULES": "requests",
+            "Request": "requests", "RequestError": "requests", "Result": "requests",
+            "parse_jsonl": "requests"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

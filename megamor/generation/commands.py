@@ -68,8 +68,7 @@ def _write(engine, requests, out: str | None) -> int:
 
 
 def add_parsers(sub) -> None:
-    from megamor.generation.engine import SCHEDULES
-    from megamor.generation.requests import REQUEST_FIELDS
+    from megamor.generation.requests import REQUEST_FIELDS, SCHEDULES
 
     fields = "; ".join(f"{k}: {v}" for k, v in REQUEST_FIELDS.items())
     p = sub.add_parser(

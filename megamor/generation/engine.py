@@ -25,11 +25,11 @@ from typing import Iterable, Iterator
 
 import torch
 
-from megamor.generation.requests import Request, RequestError, Result, request_from_dict
+from megamor.generation.requests import (SCHEDULES, Request, RequestError, Result,
+                                         request_from_dict)
 from megamor.generation.runner import Item, ModelRunner
 from megamor.generation.sampling import new_generator, sample
 
-SCHEDULES = ("depthwise", "synchronous")
 
 
 @dataclass

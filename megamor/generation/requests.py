@@ -10,6 +10,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+# How an engine step orders recursion depths (megamor/generation/engine.py).
+SCHEDULES = ("depthwise", "synchronous")
+
 
 class RequestError(ValueError):
     """A request that cannot be served; the message names the line (or request), field and value."""

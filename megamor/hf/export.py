@@ -33,6 +33,21 @@ class ExportError(RuntimeError):
     """An export that cannot be written; the message names the path or field."""
 
 
+def quiet_unless_terminal() -> None:
+    """No progress bars or accelerator notices when the output is not a terminal (a log file, a
+    pipe): transformers' bars off, and DeepSpeed (which transformers imports when installed)
+    told the accelerator instead of detecting it, which prints a warning on CPU machines."""
+    import sys
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not sys.stderr.isatty():
+        try:
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+
+
 def _require_transformers():
     try:
         import transformers  # noqa: F401
@@ -53,7 +68,8 @@ def hf_state_dict(model, cfg, vocab: int) -> dict[str, torch.Tensor]:
     out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"][:vocab],
            "model.norm.weight": sd["final_norm.weight"]}
     unique = sorted({int(k.split(".")[1]) for k in sd if k.startswith("layers.")})
-    for u in tqdm(unique, desc="convert layers", unit="layer", leave=False):
+    for u in tqdm(unique, desc="convert layers", unit="layer", leave=False,
+                  disable=None):  # no bar unless stderr is a terminal
         for name, t in layer_to_hf(sd, f"layers.{u}.", m.num_attention_heads, m.num_query_groups,
                                    m.head_dim).items():
             out[f"model.layers.{u}.{name}"] = t
@@ -126,6 +142,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "flo
     """Write the Hugging Face directory `out` for `checkpoint`; returns `out`."""
     from megamor.inference import load_for_inference
 
+    quiet_unless_terminal()
     _require_transformers()
     from transformers import GenerationConfig
 

@@ -4,6 +4,11 @@
     megamor convert from-hf HF_DIR OUT --init stepwise model.arch=mor model.num_recursions=3 \
         model.sharing=middle_cycle model.num_layers=32                   # MoR, for up-training
 
+A MoR or recursive model exported by megamor itself (`megamor convert to-hf`, model_type
+`megamor_mor`) imports as the same model: its config.json records the architecture, the routers
+and the unrolled plan, and every unique layer and router comes back as it was (MoR -> HF -> MoR
+gives equal logits); `--init` does not apply, and options that would change the model are refused.
+
 The result is a *weights-only* checkpoint: the model's megatron `dist_checkpointing` shards under
 the same layout-independent keys as a training checkpoint (so any TP/PP layout loads it), the
 tokenizer, the resolved `config.yaml` and `megamor.json` (written last, `"kind": "weights"`). It
@@ -25,7 +30,14 @@ from typing import Optional
 
 import torch
 
-SUPPORTED = ("llama",)
+SUPPORTED = ("llama", "megamor_mor")
+MOR_TYPE = "megamor_mor"  # megamor's own MoR / recursive exports (megamor/hf/configuration_mor.py)
+# model options a megamor export fixes beyond the shape, and routing options, by config.json key
+_MOR_MODEL = {"arch": "arch", "num_recursions": "num_recursions", "sharing": "sharing",
+              "kv_sharing": "kv_sharing"}
+_MOR_ROUTING = {"type": "router_type", "alpha": "router_alpha", "capacity": "capacities",
+                "causal": "causal_routing", "balancing": "balancing",
+                "gate_every_step": "gate_every_step"}
 INITS = ("average", "stepwise", "lower", "upper", "random")
 # Llama tensor names inside one decoder layer, with their shape as a function of the config.
 _LAYER_SHAPES = {
@@ -65,7 +77,10 @@ def read_hf_config(src: Path) -> dict:
 
 
 def _rope_theta(hf: dict) -> float:
-    """rope_theta: top level up to transformers 4, inside rope_parameters from transformers 5."""
+    """rope_theta: top level up to transformers 4, inside rope_parameters from transformers 5;
+    `rotary_base` in megamor's MoR config."""
+    if "rotary_base" in hf:
+        return float(hf["rotary_base"])
     params = hf.get("rope_parameters") or {}
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
@@ -75,7 +90,8 @@ def check_supported(hf: dict, path: Path) -> None:
     kind = hf.get("model_type")
     if kind not in SUPPORTED:
         raise ImportError_(f"{path}: model_type {kind!r} is not supported; megamor imports the "
-                           f"Llama family (model_type: {', '.join(SUPPORTED)})")
+                           f"Llama family and its own MoR exports (model_type: "
+                           f"{', '.join(SUPPORTED)})")
     problems = []
     for field in ("attention_bias", "mlp_bias"):
         if hf.get(field):
@@ -99,8 +115,9 @@ def hf_model_fields(hf: dict) -> dict:
     """megamor `model` options that follow from a Llama config.json."""
     h, heads = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or h // heads
+    mor = {k: hf[v] for k, v in _MOR_MODEL.items() if v in hf} if hf.get("model_type") == MOR_TYPE else {}
     return {
-        "arch": "vanilla", "num_layers": hf["num_hidden_layers"], "hidden_size": h,
+        "arch": "vanilla", **mor, "num_layers": hf["num_hidden_layers"], "hidden_size": h,
         "num_attention_heads": heads,
         "num_query_groups": hf.get("num_key_value_heads") or heads,
         # None means hidden_size / heads, megamor's default: keeps configs comparable.
@@ -118,6 +135,10 @@ def resolve_config(hf: dict, overrides, path: Path):
 
     fields = hf_model_fields(hf)
     data: dict = {"model": dict(fields)}
+    mor = hf.get("model_type") == MOR_TYPE
+    exported_routing = {k: hf[v] for k, v in _MOR_ROUTING.items() if v in hf} if mor else {}
+    if mor:
+        data["routing"] = dict(exported_routing)
     try:
         for text in overrides or ():
             section, option, value = parse_override(text)
@@ -138,6 +159,16 @@ def resolve_config(hf: dict, overrides, path: Path):
         if getattr(m, field) != want[field]:
             raise ImportError_(f"model.{field}={getattr(m, field)} cannot differ from the Hugging "
                                f"Face weights: {path} has {hf_name}={want[field]}")
+    if mor:
+        fixed = [("model", k, v, _MOR_MODEL[k]) for k, v in fields.items() if k in _MOR_MODEL]
+        fixed += [("model", "num_layers", fields["num_layers"], "num_hidden_layers")]
+        fixed += [("routing", k, v, _MOR_ROUTING[k]) for k, v in exported_routing.items()]
+        for section, field, value, hf_name in fixed:
+            got = getattr(getattr(cfg, section), field)
+            if got != value and not (field == "capacity" and list(map(float, got or [])) ==
+                                     list(map(float, value))):
+                raise ImportError_(f"{section}.{field}={got} cannot differ from the exported "
+                                   f"megamor model: {path} has {hf_name}={value}")
     return cfg
 
 
@@ -189,7 +220,8 @@ def check_tensors(tensors: dict, where: dict, hf: dict, src: Path) -> None:
          "d": fields["kv_channels"] or fields["hidden_size"] // fields["num_attention_heads"]}
     expected = {"model.embed_tokens.weight": (fields["vocab_size"], c["h"]),
                 "model.norm.weight": (c["h"],)}
-    for i in range(fields["num_layers"]):
+    mor = hf.get("model_type") == MOR_TYPE  # one set of layer tensors per unique layer
+    for i in range(hf.get("num_unique_layers") or fields["num_layers"] if mor else fields["num_layers"]):
         for name, shape in _LAYER_SHAPES.items():
             expected[f"model.layers.{i}.{name}"] = shape(c)
     for name, shape in expected.items():
@@ -202,7 +234,8 @@ def check_tensors(tensors: dict, where: dict, hf: dict, src: Path) -> None:
                                f"implies {tuple(shape)}")
     # Rotary inverse frequencies (old .bin checkpoints) are derived from rope_theta.
     extra = sorted(k for k in tensors if k not in expected and k != "lm_head.weight"
-                   and not k.endswith("rotary_emb.inv_freq"))
+                   and not k.endswith("rotary_emb.inv_freq")
+                   and not (mor and k.startswith("model.routers.")))  # checked by _fill
     if extra:
         raise ImportError_(f"{src / where[extra[0]]}: unexpected tensor {extra[0]} with shape "
                            f"{tuple(tensors[extra[0]].shape)} ({len(extra)} unexpected in all); "
@@ -286,7 +319,8 @@ def _fill(model, cfg, tensors: dict, sources: dict) -> None:
                                      m.num_query_groups, m.head_dim)
         return cache[i]
 
-    for u, src in tqdm(sorted(sources.items()), desc="layers", unit="layer", leave=False):
+    for u, src in tqdm(sorted(sources.items()), desc="layers", unit="layer", leave=False,
+                       disable=None):  # no bar unless stderr is a terminal
         if src is None:
             continue
         for name, t in original(src[0]).items():
@@ -294,6 +328,18 @@ def _fill(model, cfg, tensors: dict, sources: dict) -> None:
             value = t if len(src) == 1 else torch.stack(
                 [original(i)[name].double() for i in src]).mean(0)
             sd[f"layers.{u}.{name}"].copy_(value.to(sd[f"layers.{u}.{name}"].dtype))
+    routers = {k: t for k, t in tensors.items() if k.startswith("model.routers.")}
+    if routers:  # a megamor export: its routers (weights and state) come back as they were
+        ours = {k for k in sd if k.startswith("routers.")}
+        theirs = {k[len("model."):] for k in routers}
+        if ours != theirs:
+            raise ImportError_(f"router tensors do not match the model: missing "
+                               f"{sorted(ours - theirs)[:3]}, unexpected {sorted(theirs - ours)[:3]}")
+        for k in ours:
+            if tuple(sd[k].shape) != tuple(routers[f"model.{k}"].shape):
+                raise ImportError_(f"tensor model.{k} has shape {tuple(routers[f'model.{k}'].shape)}"
+                                   f", the model's is {tuple(sd[k].shape)}")
+            sd[k].copy_(routers[f"model.{k}"].to(sd[k].dtype))
     model.load_state_dict(sd, strict=True)
 
 
@@ -326,8 +372,19 @@ def import_hf(src, out, overrides=(), init: str = "stepwise", overwrite: bool = 
     m = cfg.model
     from megamor.model import plan_for
     plan, _ = plan_for(cfg)
-    middle = m.arch != "vanilla" and m.sharing.startswith("middle")
-    sources = layer_sources(plan, middle, hf["num_hidden_layers"], init)
+    if hf.get("model_type") == MOR_TYPE:
+        exported = [hf.get(k) for k in ("layer_unique", "layer_step", "layer_slot")]
+        ours = [[getattr(l, k) for l in plan.layers] for k in ("unique", "step", "slot")]
+        if exported != ours:
+            raise ImportError_(f"{src / 'config.json'}: its unrolled plan (layer_unique, "
+                               f"layer_step, layer_slot) is not the one this megamor builds for "
+                               f"arch={m.arch}, sharing={m.sharing}, num_recursions="
+                               f"{m.num_recursions}")
+        sources = {u: [u] for u in range(plan.num_unique)}
+        init = "megamor export"
+    else:
+        middle = m.arch != "vanilla" and m.sharing.startswith("middle")
+        sources = layer_sources(plan, middle, hf["num_hidden_layers"], init)
 
     from megamor.inference import build_single_process_model
     model, padded = build_single_process_model(cfg, cfg.model.vocab_size)
@@ -339,6 +396,9 @@ def import_hf(src, out, overrides=(), init: str = "stepwise", overwrite: bool = 
     try:
         dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
         tok.save(tmp / "tokenizer")
+        # The data to train on is the user's choice (tokenized with this tokenizer): a run
+        # from this config refuses to start until data.path is set.
+        cfg.data.path = None
         save_config(cfg, tmp / "config.yaml")
         meta = {
             "format": 1, "kind": "weights", "saved_at": now(), "step": 0, "consumed_samples": 0,
@@ -349,6 +409,8 @@ def import_hf(src, out, overrides=(), init: str = "stepwise", overwrite: bool = 
             "layout": {"tp": 1, "pp": 1, "dp": 1},
             "tokenizer_fingerprint": tok.fingerprint,
         }
+        from megamor.checksums import ALGORITHM, checkpoint_files, compute
+        meta["checksum"], meta["files"] = ALGORITHM, compute(tmp, checkpoint_files(tmp))
         (tmp / META).write_text(json.dumps(meta, indent=1))  # last: marks the checkpoint complete
         if out.exists():
             if not overwrite:

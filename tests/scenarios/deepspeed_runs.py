@@ -12,7 +12,10 @@ Cases (each a fresh trainer, output under DIR/<case>):
 - traffic: ZeRO-3 shared-block all-gather bytes with the block held over the loop and with
   DeepSpeed's per-module fetch (DeepSpeed told to release after every use, as it does for
   large models: no persistence of small parameters, no reuse window);
-- logits: the ZeRO-3 mor_ec model's logits on a fixed input after training (for the export test).
+- logits: the ZeRO-3 mor_ec model's logits on a fixed input after training (for the export test);
+- corrupt: resume2/full's checkpoints with one DeepSpeed engine-state file damaged: `auto`
+  skips step 4 and resumes from step 2 (issue 19);
+- nonfinite/zero2, nonfinite/zero3: NaN loss at step 3 of 4; the weights after every step.
 """
 
 import argparse
@@ -54,13 +57,27 @@ def main():
             "tracking.depth_map_interval=0", *args.overrides]
     out: dict = {}
 
-    def run(name: str, *extra: str):
+    def run(name: str, *extra: str, faults=None):
         cfg = load_config(None, [*base, f"run.output_dir={root / name}", *extra])
         trainer = create_trainer(cfg)
+        sums = []
+        if faults:  # issue 19: inject non-finite losses, record the weights after every step
+            from checkpoint_faults import inject, weights_sum
+            inject(trainer, faults)
+            sums.append(weights_sum(trainer))
+            step = trainer.train_step
+
+            def recorded():
+                m = step()
+                sums.append(weights_sum(trainer))
+                return m
+            trainer.train_step = recorded
         hist = trainer.train()
         out[name] = {"loss": [m["loss"] for m in hist],
                      "grad_norm": [m["grad_norm"] for m in hist],
-                     "zero3": [{k: v for k, v in m.items() if k.startswith("zero3/")} for m in hist]}
+                     "zero3": [{k: v for k, v in m.items() if k.startswith("zero3/")} for m in hist],
+                     "nonfinite": [m.get("nonfinite", 0) for m in hist], "weights": sums,
+                     "resumed_from": str(trainer.resumed_from) if trainer.resumed_from else None}
         return trainer
 
     ids = torch.arange(1, 49).unsqueeze(0)
@@ -90,6 +107,25 @@ def main():
         run(f"resume{z}/full", *spec)
         ckpt = root / f"resume{z}/full" / "checkpoints" / "step_00000002"
         run(f"resume{z}/resumed", *spec, f"checkpoint.resume={ckpt}")
+
+    # Issue 19: one DeepSpeed engine-state file damaged in the newest checkpoint (same size):
+    # `auto` skips it with a line naming the file and resumes from step 2; a NaN loss at step 3
+    # leaves the weights as they were under ZeRO-2 and ZeRO-3.
+    import shutil
+    if dist.get_rank() == 0:
+        shutil.copytree(root / "resume2/full" / "checkpoints", root / "corrupt" / "checkpoints")
+        state = sorted((root / "corrupt" / "checkpoints" / "step_00000004" / "deepspeed")
+                       .rglob("*optim_states.pt"))[0]
+        raw = bytearray(state.read_bytes())
+        raw[-4096:] = bytes(b ^ 0xFF for b in raw[-4096:])
+        state.write_bytes(bytes(raw))
+        out["corrupt/file"] = str(state)
+    dist.barrier()
+    run("corrupt", *KINDS["mor_ec"], *DS, "parallel.zero_stage=2", "train.train_steps=4",
+        "checkpoint.save_interval=2", "checkpoint.keep_last=3", "checkpoint.resume=auto")
+    for z in (2, 3):
+        run(f"nonfinite/zero{z}", *KINDS["mor_ec"], *DS, f"parallel.zero_stage={z}",
+            "train.train_steps=4", faults={3: float("nan")})
 
     # Offload: the config reaches DeepSpeed and training proceeds.
     for name, extra in (("offload/zero2_optimizer", ["parallel.zero_stage=2",
