@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from megamor.config import Config
-from megamor.errors import InputError, PreflightError  # noqa: F401 (re-exported)
+from megamor.errors import PreflightError  # noqa: F401 (re-exported)
 
 
 
