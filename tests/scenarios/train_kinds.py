@@ -69,6 +69,7 @@ def main():
         cfg = load_config(None, ["model.preset=tiny", "model.seq_length=64", "train.warmup_steps=1",
                                  "train.lr_schedule=constant", "train.lr=0.003",
                                  *KINDS[kind], *args.overrides])
+        cfg.run.output_dir = f"{cfg.run.output_dir}/{kind}"  # one run (checkpoint lineage) each
         trainer = Trainer(cfg)
         hist = trainer.train()
         stage_tokens = [sum(hist[-1]["layer_tokens"][a:b]) for a, b in trainer.ranges]
