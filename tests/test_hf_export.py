@@ -210,6 +210,16 @@ def test_bfloat16_export_and_beam_search(trained, exported, tmp_path):
     out = export_checkpoint(trained / "mor_tc" / "checkpoints", tmp_path / "bf16", dtype="bfloat16")
     m16 = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert next(m16.parameters()).dtype == torch.bfloat16
+    # Routers as in training: fp32 weights and buffers in the file and in the loaded model, fp32
+    # scores (the loss-free bias, ~1e-3 steps, does not survive bf16).
+    from safetensors.torch import load_file
+    saved = load_file(str(next(Path(out).glob("*.safetensors"))))
+    routers = {k: v.dtype for k, v in saved.items() if ".routers." in k}
+    assert routers and set(routers.values()) == {torch.float32}, routers
+    loaded = {n: t.dtype for n, t in [*m16.named_parameters(), *m16.named_buffers()]
+              if ".routers." in n}
+    assert loaded and set(loaded.values()) == {torch.float32}, loaded
+    assert {t.dtype for n, t in m16.named_parameters() if ".routers." not in n} == {torch.bfloat16}
     m32 = AutoModelForCausalLM.from_pretrained(exported["mor_tc"], trust_remote_code=True,
                                                dtype=torch.float32)
     ids = _ids(exported["mor_tc"], n=32, batch=2)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from megamor.generation.paged_cache import PagedKVCache
+from megamor.hf.modeling_mor import aux_logits, router_logits
 
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
@@ -132,13 +133,14 @@ class ModelRunner:
             return
         if self.routed and not self.expert:  # token-choice: every depth decided on H^1
             router = self.routers["1"]
-            probs = torch.softmax((x @ router.weight.t()).float(), dim=-1).to(x.dtype)
-            score = probs + router.bias if self.cfg.balancing == "loss_free" else probs
+            probs = torch.softmax(router_logits(x, router.weight), dim=-1)  # fp32, as trained
+            score = probs + router.bias.float() if self.cfg.balancing == "loss_free" else probs
             choice = score.argmax(-1)
             if self.record_margins and score.shape[-1] > 1:
                 top = score.topk(2, dim=-1).values
                 self._margin((top[:, 0] - top[:, 1]).min())
-            gate = self.cfg.router_alpha * probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+            gate = (self.cfg.router_alpha * probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+                    ).to(x.dtype)
             sizes = [it.t for it in items]
             for it, g, c in zip(items, gate.split(sizes), choice.split(sizes)):
                 it.gate, it.base, it.tc_depth = g, it.x, c + 1
@@ -216,14 +218,14 @@ class ModelRunner:
         elif self.expert:
             x = torch.cat([it.x for it in items]) if len(items) > 1 else items[0].x
             router = self.routers[str(step)]
-            logit = (x @ router.weight.t()).squeeze(-1)
-            gate = self.cfg.router_alpha * torch.sigmoid(logit)
+            logit = router_logits(x, router.weight).squeeze(-1)
+            gate = (self.cfg.router_alpha * torch.sigmoid(logit)).to(x.dtype)
             sizes = [it.t for it in items]
             reach = (torch.cat(reached) if len(items) > 1 else reached[0]) if reached else None
             if self.cfg.capacities[step - 1] >= 1.0:
                 sel = reach if reach is not None else torch.ones_like(logit, dtype=torch.bool)
             else:
-                decide = router.aux(x).squeeze(-1) if router.aux is not None else logit
+                decide = aux_logits(x, router.aux) if router.aux is not None else logit
                 sel = torch.sigmoid(decide) >= 0.5
                 if reach is not None:
                     sel = sel & reach

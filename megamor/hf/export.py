@@ -125,7 +125,12 @@ def build_hf_model(conf, state: dict[str, torch.Tensor], dtype: torch.dtype):
         raise ExportError(f"tensor names do not match the {cls.__name__} layout: missing "
                           f"{missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
-    return model.to(dtype).eval()
+    model = model.to(dtype).eval()
+    for name in getattr(model, "_keep_in_fp32_modules_strict", None) or ():
+        for module_name, module in model.named_modules():  # MoR routers stay fp32 (as trained)
+            if module_name.split(".")[-1] == name:
+                module.float()
+    return model
 
 
 def save_tokenizer(tok, out: Path) -> None:

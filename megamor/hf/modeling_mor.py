@@ -338,6 +338,17 @@ class MoRDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Routers compute in fp32 whatever the model's dtype, as in training (their weights stay
+    fp32 in a bf16 export: `_keep_in_fp32_modules_strict`): x [..., h] @ weight^T in fp32."""
+    return x.float() @ weight.float().t()
+
+
+def aux_logits(x: torch.Tensor, aux: nn.Module) -> torch.Tensor:
+    """The auxiliary router's logit (fp32), on the states cast to its weights' dtype."""
+    return aux(x.to(aux[0].weight.dtype)).squeeze(-1).float()
+
+
 class ExpertChoiceRouter(nn.Module):
     def __init__(self, hidden_size: int, aux_router: bool):
         super().__init__()
@@ -362,6 +373,8 @@ class MoRPreTrainedModel(PreTrainedModel):
     config_class = MoRConfig
     base_model_prefix = "model"
     _no_split_modules = ["MoRDecoderLayer"]
+    # Routers compute in fp32 in training (megamor.model.routing); a bf16/fp16 model keeps them.
+    _keep_in_fp32_modules_strict = ["routers"]
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -468,20 +481,20 @@ class MoRModel(MoRPreTrainedModel):
         cfg = self.config
         if cfg.router_type == "expert_choice":
             router = self.routers[str(step)]
-            logit = (x @ router.weight.t()).squeeze(-1)
-            gate = cfg.router_alpha * torch.sigmoid(logit)
+            logit = router_logits(x, router.weight).squeeze(-1)
+            gate = (cfg.router_alpha * torch.sigmoid(logit)).to(x.dtype)
             if cfg.capacities[step - 1] >= 1.0:
                 selected = reached
             else:
-                decide = router.aux(x).squeeze(-1) if router.aux is not None else logit
+                decide = aux_logits(x, router.aux) if router.aux is not None else logit
                 selected = reached & (torch.sigmoid(decide) >= 0.5)
             return selected, gate, x, None, selected
         if step == 1:
             router = self.routers["1"]
-            probs = torch.softmax((x @ router.weight.t()).float(), dim=-1).to(x.dtype)
-            score = probs + router.bias if cfg.balancing == "loss_free" else probs
+            probs = torch.softmax(router_logits(x, router.weight), dim=-1)
+            score = probs + router.bias.float() if cfg.balancing == "loss_free" else probs
             choice = score.argmax(-1)
-            gate = cfg.router_alpha * probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+            gate = (cfg.router_alpha * probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)).to(x.dtype)
             depth, base = choice + 1, x
         return real & (depth >= step), gate, base, depth, reached
 
