@@ -39,10 +39,10 @@ def test_training_collectives_are_nccl_legal(tmp_path, builtin_root):
     assert len(ranks[0]["depths"]) == 16 and ranks[1]["depths"] is None
     seen = set(ranks[0]["calls"]) | set(ranks[1]["calls"])
     expected = {
-        "all_reduce @ megamor/trainer.py:_reduce_metrics",
-        "all_reduce @ megamor/trainer.py:_signal_agreed",
+        "all_reduce @ megamor/training/metrics.py:reduce",
+        "all_reduce @ megamor/training/signals.py:agreed",
         "all_reduce @ megamor/parallel.py:allreduce_shared_grads",
-        "all_gather_object @ megamor/trainer.py:routing_depths",
+        "all_gather_object @ megamor/training/depth_maps.py:routing_depths",
         "all_reduce @ megamor/model/routing.py:balancing_loss",
         "all_reduce @ megamor/model/routing.py:update_bias",
     }

@@ -349,8 +349,8 @@ def import_hf(src, out, overrides=(), init: str = "stepwise", overwrite: bool = 
 
     from megamor.checkpoint import META, SHAPE_FIELDS, now
     from megamor.config import save_config
-    from tokenizer import load_tokenizer
-    from tokenizer.bpe import TokenizerError
+    from megamor.tokenizer import load_tokenizer
+    from megamor.tokenizer.bpe import TokenizerError
 
     src, out = Path(src), Path(out)
     if init not in INITS:
