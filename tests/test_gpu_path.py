@@ -108,7 +108,7 @@ def test_gpu_check_driver_runs_on_cpu(tmp_path, builtin_root):
     for r in (first, second):
         assert r["backend"] == "cpu:gloo,cuda:gloo" and r["precision"] == "bf16"
         assert 0.0 < r["rel_diff"] <= 2e-2 and r["tokens_per_s"] > 0 and r["violations"] == []
-    for r, path in ((first, "save"), (second, "load")):
+    for r, path in ((first, "save"), (second, "read_shards")):
         assert f"all_gather_object @ megamor/checkpoint.py:{path}" in r["object_collectives"], r
         assert r["inner_calls"][f"all_gather in all_gather_object @ megamor/checkpoint.py:{path}"]
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from megamor.checkpoint import CheckpointError
+from megamor.checkpoint_meta import CheckpointError
 from megamor.engines.base import Engine, RouterStats, StepResult
 from megamor.engines.deepspeed_config import (MegatronMPU, apply_overrides, deepspeed_config,
                                               load_engine_file, param_groups, prepare_deepspeed)

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from megamor.checkpoint import CheckpointError
+from megamor.checkpoint_meta import CheckpointError
 from megamor.config import Config, ConfigError
 
 
