@@ -9,8 +9,12 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["megamor", "megamor.*", "launch", "launch.*",
-                                    "tokenizer", "tokenizer.*"]),
+    # launch/ and tokenizer/ stay top-level folders of the checkout but install inside the
+    # package, as megamor.launch and megamor.tokenizer (no generic top-level names in
+    # site-packages); megamor/__init__.py maps them for a checkout that is not installed.
+    packages=find_packages(include=["megamor", "megamor.*"]) + ["megamor.launch",
+                                                                 "megamor.tokenizer"],
+    package_dir={"megamor.launch": "launch", "megamor.tokenizer": "tokenizer"},
     install_requires=[
         # CPU installs pin torch through constraints-cpu.txt (a bare `torch` pulls CUDA wheels).
         "torch>=2.4",
@@ -42,7 +46,7 @@ setup(
         # `megamor eval --tasks`: few-shot accuracy of an export through lm-evaluation-harness
         # (its "hf" model backend imports accelerate).
         "eval": ["lm_eval>=0.4.8", "accelerate>=0.26", "transformers>=5.0", "safetensors>=0.4"],
-        # `parallel.engine=deepspeed` (megamor/engines/deepspeed_engine.py): ZeRO-1/2/3, offload.
+        # `parallel.engine=deepspeed` (megamor/engines/deepspeed.py): ZeRO-1/2/3, offload.
         "deepspeed": ["deepspeed>=0.19.8"],
         # `megamor data prepare` inputs: .parquet, .zst, `datasets` saved with save_to_disk.
         "data": ["pyarrow>=14", "zstandard>=0.20", "datasets>=2.14"],

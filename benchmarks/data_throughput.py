@@ -216,7 +216,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from megamor.data import builtin_dataset_root, ensure_builtin_dataset
-    from tokenizer import load_tokenizer
+    from megamor.tokenizer import load_tokenizer
 
     results: dict = {"cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="megamor-bench-") as tmp:

@@ -45,8 +45,8 @@ def measure(engine: str, overrides: list[str], out: Path) -> None:
     import torch.distributed as dist
     from megamor import parallel
     from megamor.config import load_config
-    from megamor.engines import create_trainer
-    from megamor.trainer import open_dataset
+    from megamor.training.data import open_dataset
+    from megamor.training.loop import Trainer
 
     cfg = load_config(None, [*SHAPE, *ENGINES[engine], *overrides,
                              f"run.output_dir={out.parent / engine}"])
@@ -55,7 +55,7 @@ def measure(engine: str, overrides: list[str], out: Path) -> None:
         import deepspeed  # noqa: F401  (its import is not the run's memory; megatron's is loaded too)
     Path("/proc/self/clear_refs").write_text("5")
     base = _kib("VmRSS")
-    trainer = create_trainer(cfg)
+    trainer = Trainer(cfg)
     built = (_kib("VmHWM") - base) * 1024
     for _ in range(3):
         trainer.train_step()

@@ -10,7 +10,7 @@ For each model preset and activation-recompute mode: a few training steps throug
 - the losses are finite, and the loss of a fixed batch falls over the run's steps,
 - the bf16 model's loss on a batch is within `--tolerance` (relative) of an fp32 copy of the
   same weights on the same batch; the bf16 loss goes through megatron's schedule
-  (`Trainer.batch_loss`), which under Transformer Engine refreshes the FP8 weight casts,
+  (`Engine.batch_loss`), which under Transformer Engine refreshes the FP8 weight casts,
 - tokens/s, model TFLOP/s per GPU (megamor's FLOPs model of what ran), MFU (against the
   datasheet peak of the precision running) and peak GPU memory, from synchronised step times.
 
@@ -114,7 +114,7 @@ def fixed_batch(trainer, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The first micro-batch of samples 0.. (the same for every run of a shape)."""
     from megamor.data import get_batch
 
-    batch = get_batch(trainer.dataset, list(range(trainer.cfg.train.micro_batch_size)))
+    batch = get_batch(trainer.data.dataset, list(range(trainer.cfg.train.micro_batch_size)))
     return batch["tokens"].to(device), batch["labels"].to(device)
 
 
@@ -126,7 +126,7 @@ def fp32_loss(trainer, cfg, device, tokens, labels) -> float:
     tcfg = transformer_config(cfg, torch.float32, device_type=device.type)
     tcfg.perform_initialization = False  # the weights are copied in below
     ref = build_stage(cfg, tcfg, trainer.vocab_size, 0, cfg.train.seed).to(device)
-    ref.load_state_dict(trainer.stage.state_dict(), strict=True)
+    ref.load_state_dict(trainer.engine.stage.state_dict(), strict=True)
     ref.train()
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -141,7 +141,7 @@ def fp32_loss(trainer, cfg, device, tokens, labels) -> float:
 def run_one(run: dict, args, resume: str | None, guard) -> dict:
     from megamor.config import load_config
     from megamor.flops import peak_flops_per_device
-    from megamor.trainer import Trainer
+    from megamor.training.loop import Trainer
 
     over = [*run["over"], f"model.seq_length={args.seq}",
             f"train.micro_batch_size={args.micro_batch}",
@@ -164,7 +164,7 @@ def run_one(run: dict, args, resume: str | None, guard) -> dict:
     backend = str(dist.get_backend())
     start_step = trainer.step
     tokens, labels = fixed_batch(trainer, device)
-    before = trainer.batch_loss(tokens, labels)
+    before = trainer.engine.batch_loss(tokens, labels)
     times, metrics = [], []
     for _ in range(args.steps):
         sync(device)
@@ -176,9 +176,9 @@ def run_one(run: dict, args, resume: str | None, guard) -> dict:
                 if device.type == "cuda" else None)  # training only, before the checks
     saved = None
     if resume is None and run.get("save"):
-        saved = str(trainer.checkpointer.save(trainer))
+        saved = str(trainer.checkpointer.save(trainer.run_state))
         trainer.checkpointer.wait()
-    low = trainer.batch_loss(tokens, labels)
+    low = trainer.engine.batch_loss(tokens, labels)
     full = fp32_loss(trainer, cfg, device, tokens, labels)
     seconds = statistics.median(times[args.warmup:])
     flops = statistics.median(m["flops"] for m in metrics[args.warmup:])

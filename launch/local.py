@@ -1,9 +1,9 @@
 """Run a megamor command on N local ranks through torchrun (the same env:// path a cluster uses).
 
-`megamor pretrain --nproc 2 ...` re-executes itself as
-`python -m launch.torchrun --standalone --nproc-per-node 2 -m megamor.cli pretrain ...` (torchrun
-without its own failure report: the ranks report their errors, see launch/torchrun.py), so a laptop
-run and a multi-node run go through the same rendezvous and rank variables.
+`megamor pretrain --nproc 2 ...` re-executes itself as `python -m megamor.launch.torchrun
+--standalone --nproc-per-node 2 -m megamor.cli pretrain ...` (torchrun without its own failure
+report: the ranks report their errors, see launch/torchrun.py), so a laptop run and a multi-node
+run go through the same rendezvous and rank variables.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def relaunch(nproc: int, argv: list[str], preempted_marker: Optional[Path] = Non
     the kernel if this process dies (kill -9); each rank watches for that and exits too
     (`megamor.lifecycle.exit_with_launcher`).
 
-    `watcher` (megamor.watchdog.NodeWatcher): this process is the ranks' hang watchdog; when no
+    `watcher` (megamor.node_watcher.NodeWatcher): this process is the ranks' hang watchdog; when no
     rank advances for the hang limit it writes their stacks, prints one line, stops every rank
     and the launch returns EXIT_HUNG.
     """
@@ -59,7 +59,7 @@ def relaunch(nproc: int, argv: list[str], preempted_marker: Optional[Path] = Non
     if watcher is not None:
         from megamor.progress import PROGRESS_DIR_ENV
         env[PROGRESS_DIR_ENV] = str(watcher.progress_dir)
-    cmd = [sys.executable, "-m", "launch.torchrun", "--standalone",  # torchrun, quieter
+    cmd = [sys.executable, "-m", "megamor.launch.torchrun", "--standalone",  # torchrun, quieter
            f"--nproc-per-node={nproc}", "-m", "megamor.cli", *argv]
     started = time.time()
     die_with_launcher = parent_death_signal_setter(signal.SIGKILL)

@@ -1,8 +1,9 @@
-"""Turn a Slurm (or torchrun) environment into ranks and run `megamor pretrain` in this process.
+"""Turn a Slurm (or torchrun) environment into ranks and run `megamor pretrain` in this process
+(`megamor.pretrain.run`, the function the CLI's `pretrain` runs).
 
-    python -m launch.slurm [--nproc N] -- pretrain [--config F] [--resume auto] [overrides ...]
-    python -m launch.slurm --check --world-size N -- pretrain ...   (batch step: preflight only)
-    megamor launch ...                                                (the same, as a subcommand)
+    python -m megamor.launch.slurm [--nproc N] -- pretrain [--config F] [--resume auto] [overrides]
+    python -m megamor.launch.slurm --check --world-size N -- pretrain ...  (batch step: preflight)
+    megamor launch ...                                              (the same, as a subcommand)
 
 Three situations, one entry point:
 
@@ -187,9 +188,9 @@ def _split_pretrain(argv: list[str]) -> list[str]:
     return argv
 
 
-def check_config(pretrain_argv: list[str], world_size: int):
-    """Load and validate the config exactly as `megamor pretrain` will, for this world size;
-    returns it."""
+def parse_pretrain(pretrain_argv: list[str]) -> argparse.Namespace:
+    """`pretrain [--config F] [--resume R] [--nproc N] [overrides]` as `megamor pretrain` reads
+    it: config, resume, nproc (None unless given) and overrides."""
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--config")
     ap.add_argument("--resume")
@@ -198,12 +199,20 @@ def check_config(pretrain_argv: list[str], world_size: int):
     stray = [a for a in rest if "=" not in a]
     if stray:
         raise LaunchError(f"pretrain: unrecognized arguments: {' '.join(stray)}")
+    known.overrides = rest
+    return known
+
+
+def check_config(pretrain_argv: list[str], world_size: int):
+    """Load and validate the config exactly as `megamor pretrain` will, for this world size;
+    returns it."""
+    known = parse_pretrain(pretrain_argv)
     from megamor.config import ConfigError, load_config
     if known.config and not os.path.isfile(known.config):
         raise LaunchError(f"config file {known.config} does not exist")
     resume = [f"checkpoint.resume={known.resume}"] if known.resume else []
     try:
-        cfg = load_config(known.config, [a for a in rest if "=" in a] + resume)
+        cfg = load_config(known.config, known.overrides + resume)
         cfg.validate(world_size=world_size)
     except ConfigError as e:
         raise LaunchError(f"config error (world size {world_size}): {e}") from None
@@ -241,7 +250,7 @@ def check_data_named(pretrain_argv: list[str]) -> None:
 def check_network(cfg, hosts: list[str], env: Mapping[str, str]) -> None:
     """Print the addresses gloo and NCCL will use on this node; refuse a multi-node job whose
     gloo side would bind to loopback."""
-    from launch import network
+    from megamor.launch import network
     try:
         print(f"megamor launch: network on {socket.gethostname()}: "
               f"{network.describe(env, cfg.train.device != 'cpu')}", flush=True)
@@ -281,7 +290,7 @@ def allocation_world_size(env: Mapping[str, str]) -> Optional[int]:
 
 
 def build_parser(p: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="python -m launch.slurm", description=__doc__,
+    p = p or argparse.ArgumentParser(prog="python -m megamor.launch.slurm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=None,
                    help="outside Slurm and torchrun: local ranks to start (default 1)")
@@ -325,7 +334,7 @@ def run(args) -> int:
             ranks = rank_env(env)
             cfg = check_config(pretrain, int(ranks["WORLD_SIZE"]))
             os.environ.update(ranks)
-            from launch import network
+            from megamor.launch import network
             try:
                 where = network.describe(os.environ, cfg.train.device != "cpu")
             except ValueError as e:
@@ -336,7 +345,7 @@ def run(args) -> int:
             if os.environ.get("LOCAL_RANK", "0") == "0":
                 print(f"megamor launch: node {os.environ.get('NODE_RANK', '0')} "
                       f"({socket.gethostname()}): {where}", flush=True)
-            from megamor.watchdog import start_node_watcher
+            from megamor.node_watcher import start_node_watcher
             start_node_watcher(cfg)  # the node's hang watchdog (first task of each node)
             if "SLURM_CPUS_PER_TASK" in env:
                 os.environ.setdefault("OMP_NUM_THREADS", env["SLURM_CPUS_PER_TASK"])
@@ -346,17 +355,17 @@ def run(args) -> int:
         else:
             nproc = args.nproc or 1
             check_config(pretrain, nproc)
-            if nproc > 1:
-                pretrain = [pretrain[0], "--nproc", str(nproc), *pretrain[1:]]
+        known = parse_pretrain(pretrain)
     except LaunchError as e:
         print(f"megamor launch: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
-    from megamor.cli import main as megamor_main
-    return megamor_main(pretrain)
+    from megamor.pretrain import run as run_pretrain
+    nproc = known.nproc or args.nproc or 1  # --nproc of the pretrain arguments wins
+    return run_pretrain(known.config, known.overrides, nproc=nproc, resume=known.resume)
 
 
 def add_parsers(subparsers) -> None:
-    """`megamor launch ...` (the same as `python -m launch.slurm ...`)."""
+    """`megamor launch ...` (the same as `python -m megamor.launch.slurm ...`)."""
     p = subparsers.add_parser("launch", help="run pretrain from Slurm / torchrun variables "
                                              "(one process per srun task)")
     build_parser(p)

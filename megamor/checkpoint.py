@@ -19,6 +19,12 @@ naming the file) and takes the newest intact one (`Checkpointer.select`). Which 
 may write next to and delete: megamor/lineage.py.
 Loading never unpickles arbitrary objects: torch_dist shards and `common.pt` are read by
 megatron with torch's `weights_only` loader, the trainer state is JSON.
+
+What a checkpoint holds comes from the parts that own it (`RunState`, torchtitan's "stateful"
+parts): the engine (weights and optimizer state as sharded tensors, its own files, its keys of
+megamor.json), the train state (step, LR schedule, RNG, step health, tracking run) and the data
+position; each gives its state and takes it back. The checkpointer knows nothing else of a run.
+What a checkpoint can be loaded into: megamor/checkpoint_meta.py (`check_compatible`).
 """
 
 from __future__ import annotations
@@ -30,31 +36,36 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Optional, Protocol
 
 import torch
 import torch.distributed as dist
 
-from megamor.errors import InputError
+from megamor.checkpoint_meta import (META, SHAPE_FIELDS, CheckpointError,  # noqa: F401
+                                     check_compatible, identity, read_meta)
 from megamor.lifecycle import EXIT_PREEMPTED  # noqa: F401 (re-exported)
 
-META = "megamor.json"
 _NAME = re.compile(r"^step_(\d{8})$")
-# The fields that decide tensor shapes: a checkpoint can only load into the same values.
-SHAPE_FIELDS = ("arch", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                "ffn_hidden_size", "kv_channels", "num_recursions", "sharing")
-OPTIMIZER_FORMAT = {
-    # The only format that reshards over TP and PP; the memory-efficient variant avoids a path
-    # that allocates on the CUDA device.
-    "distrib_optim_sharding_type": "fully_reshardable",
-    "distrib_optim_fully_reshardable_mem_efficient": True,
-}
 
 
-class CheckpointError(InputError, RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and the problem."""
+class Stateful(Protocol):
+    """A part of a run whose state a checkpoint keeps in its megamor.json (JSON values; the
+    file is flat, each part owns its keys)."""
 
-    kind = "checkpoint"
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, meta: dict, checkpoint: Path) -> None: ...
+
+
+@dataclass
+class RunState:
+    """Everything a checkpoint holds, by the part that owns it."""
+
+    engine: Any  # megamor.engines.base.Engine: weights, optimizer state, engine files and keys
+    train: Any  # Stateful with `.step` (names the checkpoint): megamor.training.state.TrainState
+    data: Stateful  # the data position: megamor.training.data.TrainingData
 
 
 class CheckpointSaveError(CheckpointError):
@@ -169,13 +180,6 @@ def resolve_resume(resume: Optional[str], root: Path) -> Optional[Path]:
     return path
 
 
-def read_meta(path: Path) -> dict:
-    try:
-        return json.loads((path / META).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path / META}: cannot read checkpoint metadata: {e}") from None
-
-
 def verify_files(path: Path) -> None:
     """Every shard file the checkpoint's index refers to exists and is long enough."""
     import torch.distributed.checkpoint as dcp
@@ -194,30 +198,6 @@ def verify_files(path: Path) -> None:
         if f.stat().st_size < size:
             raise CheckpointError(f"{f}: truncated shard file ({f.stat().st_size} bytes, the "
                                   f"index needs {size})")
-
-
-def check_model_shape(meta: dict, model_cfg, path: Path) -> None:
-    saved = meta.get("model", {})
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {getattr(model_cfg, k)!r}"
-             for k in SHAPE_FIELDS if saved.get(k) != getattr(model_cfg, k)]
-    if diffs:
-        raise CheckpointError(f"{path / META}: the model shape differs from the config: "
-                              + "; ".join(diffs))
-
-
-def check_resumable(meta: dict, path: Path, engine: str = "megatron") -> None:
-    """A weights-only checkpoint (`megamor convert from-hf`) has no trainer state to resume, and
-    one engine's optimizer state is not the other's."""
-    if meta.get("kind") == "weights":
-        raise CheckpointError(
-            f"{path} is a weights-only checkpoint (no optimizer or trainer state) and cannot be "
-            f"resumed; start a run from its weights with checkpoint.init_from={path}")
-    saved = meta.get("engine", "megatron")
-    if saved != engine:
-        raise CheckpointError(
-            f"{path} was saved by parallel.engine={saved}, this run uses parallel.engine={engine}: "
-            f"resume it with parallel.engine={saved}, or start this engine from its weights with "
-            f"checkpoint.init_from={path} (fresh optimizer)")
 
 
 _FULL_ERRNOS = {28: "No space left on device", 122: "Disk quota exceeded"}  # ENOSPC, EDQUOT
@@ -301,12 +281,15 @@ def _async_strategy_kwargs(save_fn) -> dict:
 
 
 class Checkpointer:
-    """Saves and loads the trainer's state; every rank calls `select`, `save` and `load`
-    together."""
+    """Saves and loads a run's `RunState`; every rank calls `select`, `save` and `load`
+    together. `cfg` and `tokenizer` are saved beside the shards; `layout` ({"tp", "pp", "dp"})
+    is recorded with them (`checkpoint_meta.identity`)."""
 
-    def __init__(self, root: Path, keep_last: int, keep_every: int, async_save: bool):
+    def __init__(self, root: Path, keep_last: int, keep_every: int, async_save: bool, *,
+                 cfg, tokenizer, layout: dict):
         self.root = root
         self.keep_last, self.keep_every, self.async_save = keep_last, keep_every, async_save
+        self.cfg, self.tokenizer, self.layout = cfg, tokenizer, layout
         self._pending = None  # async save in flight: (request queue, tmp dir, final dir)
         self.lineage: Optional[str] = None  # set by `select` (megamor/lineage.py)
         # A failed write is reported once, as a CheckpointSaveError; megatron's writer would also
@@ -360,14 +343,14 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, trainer) -> Path:
+    def save(self, state: RunState) -> Path:
         from megatron.core import dist_checkpointing
         from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
         from megamor.lifecycle import start_checkpoint_helper
 
         self.wait()  # an asynchronous save still in flight is published first
         start_checkpoint_helper()  # the writer's helper process, immune to stop signals
-        name = f"step_{trainer.step:08d}"
+        name = f"step_{state.train.step:08d}"
         tmp, final = self.root / f".tmp.{name}", self.root / name
         try:
             if dist.get_rank() == 0:
@@ -376,37 +359,50 @@ class Checkpointer:
                     shutil.rmtree(tmp)
                 tmp.mkdir()
             dist.barrier()
-            state = trainer.sharded_state_dict(is_loading=False)
-            meta = trainer.checkpoint_meta()
-            meta["lineage"] = self.lineage
+            shards = state.engine.sharded_state_dict(is_loading=False)
+            meta = self._meta(state)
 
             def publish():
-                self._publish(trainer, meta, tmp, final)
+                self._publish(meta, tmp, final)
 
             if self.async_save:
                 from megatron.core.dist_checkpointing.dict_utils import nested_values
                 from megatron.core.dist_checkpointing.mapping import ShardedTensor
                 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-                for sh in nested_values(state):
+                for sh in nested_values(shards):
                     # The background writer "preloads" tensors to host memory, which on the CPU
                     # is no copy: snapshot them, or the next optimizer steps race with the write.
                     if isinstance(sh, ShardedTensor) and sh.data.device.type == "cpu":
                         sh.data = sh.data.detach().clone()
                 queue = AsyncCallsQueue()
-                request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True,
+                request = dist_checkpointing.save(shards, str(tmp), async_sharded_save=True,
                                                   **_async_strategy_kwargs(dist_checkpointing.save))
                 request.add_finalize_fn(publish)
                 queue.schedule_async_request(request)
                 self._pending = (queue, tmp, final)
             else:
-                dist_checkpointing.save(state, str(tmp))
-                trainer.save_engine_state(tmp)
+                dist_checkpointing.save(shards, str(tmp))
+                state.engine.save_files(tmp)
                 publish()
         except (Exception, CheckpointException) as e:
             raise self._failed(e, tmp, final) from e
         return final
 
-    def _publish(self, trainer, meta: dict, tmp: Path, final: Path) -> None:
+    def _meta(self, state: RunState) -> dict:
+        """megamor.json's content (without the file list): the checkpoint's identity and each
+        part's keys."""
+        meta = {"format": 1, "saved_at": now(),
+                **identity(self.cfg.model, self.tokenizer, self.layout)}
+        for part in (state.engine.checkpoint_meta(), state.train.state_dict(),
+                     state.data.state_dict()):
+            clash = set(part) & set(meta)
+            if clash:
+                raise ValueError(f"megamor.json keys written by two parts: {sorted(clash)}")
+            meta.update(part)
+        meta["lineage"] = self.lineage
+        return meta
+
+    def _publish(self, meta: dict, tmp: Path, final: Path) -> None:
         """Every rank: the shards are written. Rank 0 adds tokenizer and config, the ranks hash
         the files (megamor/checksums.py), rank 0 writes megamor.json, renames `.tmp.<name>` to
         `<name>`, replaces `latest` and rotates."""
@@ -415,9 +411,9 @@ class Checkpointer:
         rank0 = dist.get_rank() == 0
         dist.barrier()
         if rank0:
-            trainer.tokenizer.save(tmp / "tokenizer")
+            self.tokenizer.save(tmp / "tokenizer")
             from megamor.config import save_config
-            save_config(trainer.cfg, tmp / "config.yaml")
+            save_config(self.cfg, tmp / "config.yaml")
         dist.barrier()
         entries = gather_entries(tmp)
         if rank0:
@@ -487,59 +483,54 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ load
 
-    def load(self, trainer, path: Path) -> dict:
+    def load(self, path: Path, state: RunState) -> dict:
+        """An exact resume from `path` (chosen by `select`): the engine restores weights and
+        optimizer state, then the train state and data position take their keys of
+        megamor.json. Returns megamor.json's content."""
+        meta = read_meta(path)
+        check_compatible(meta, self.cfg, self.tokenizer, state.engine.name, path=path)
+        state.engine.load(path, meta, partial(self.read_shards, path))
+        state.train.load_state_dict(meta, path)
+        state.data.load_state_dict(meta, path)
+        return meta
+
+    def read_shards(self, path: Path, template: dict) -> dict:
+        """The sharded state of checkpoint `path` into `template` (a sharded state dict)."""
         from megatron.core import dist_checkpointing
         from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-        meta = read_meta(path)
-        check_resumable(meta, path, trainer.engine)
-        check_model_shape(meta, trainer.cfg.model, path)
         verify_files(path)
-        state = trainer.sharded_state_dict(is_loading=True)
         try:
-            loaded = dist_checkpointing.load(state, str(path))
+            return dist_checkpointing.load(template, str(path))
         except (Exception, CheckpointException) as e:  # many types; name the checkpoint
             last = [l for l in str(e).splitlines() if l.strip()][-1:] or [""]
             raise CheckpointError(f"{path}: cannot load the sharded state ({type(e).__name__}: "
                                   f"{last[0]}); a shard may be corrupt") from e
-        trainer.load_loaded_state(loaded, meta)
-        return meta
 
-    def load_weights(self, trainer, path: Path) -> Path:
-        """Model weights only (`checkpoint.init_from`), from a weights-only or a training
-        checkpoint of any layout; optimizer, LR schedule, step and data position stay fresh."""
+    def load_weights(self, given: str | Path, stage: torch.nn.Module, padded_vocab: int) -> Path:
+        """Model weights only (`checkpoint.init_from=given`: a checkpoint, or a root whose newest
+        one is taken), from a weights-only or a training checkpoint of any layout, into this
+        rank's `stage`; optimizer, LR schedule, step and data position stay fresh. Returns the
+        checkpoint loaded."""
         from megatron.core import dist_checkpointing
         from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-        path = resolve_resume(str(path), Path(path))
+        path = resolve_resume(str(given), Path(given))
         meta = read_meta(path)
-        check_model_shape(meta, trainer.cfg.model, path)
-        if not trainer.tokenizer.matches(meta.get("tokenizer_fingerprint")):
-            raise CheckpointError(
-                f"{path / META}: saved with tokenizer {meta.get('tokenizer_fingerprint')}, the "
-                f"data uses {trainer.tokenizer.fingerprint}; tokenize the data with "
-                f"{path / 'tokenizer'}")
-        saved = meta.get("model", {})
-        vocab = trainer.cfg.model.vocab_size or trainer.tokenizer.vocab_size
-        if saved.get("vocab_size", vocab) != vocab or \
-                saved.get("padded_vocab_size", trainer.vocab_size) != trainer.vocab_size:
-            raise CheckpointError(
-                f"{path / META}: vocabulary {saved.get('vocab_size')} padded to "
-                f"{saved.get('padded_vocab_size')} rows, this run has {vocab} padded to "
-                f"{trainer.vocab_size} (tensor parallel {trainer.dims.tp}); set model.vocab_size "
-                f"and model.make_vocab_size_divisible_by so that both agree")
+        option = f"checkpoint.init_from={given}"
+        check_compatible(meta, self.cfg, self.tokenizer, None, path=path, option=option,
+                         padded_vocab=padded_vocab)
         problem = full_problem(path)
         if problem is not None:
-            raise CheckpointError(f"checkpoint.init_from={path}: {problem}")
+            raise CheckpointError(f"{option}: {problem}")
         try:
-            loaded = dist_checkpointing.load(trainer.stage.sharded_state_dict(), str(path))
+            loaded = dist_checkpointing.load(stage.sharded_state_dict(), str(path))
         except (Exception, CheckpointException) as e:  # many types; name the checkpoint
             last = [l for l in str(e).splitlines() if l.strip()][-1:] or [""]
             raise CheckpointError(f"{path}: cannot load the model weights ({type(e).__name__}: "
                                   f"{last[0]})") from e
         loaded.pop("optimizer", None)  # common (non-sharded) optimizer state comes back too
-        trainer.stage.load_state_dict(loaded, strict=True)
-        trainer.reload_weights()  # main (fp32) copies follow the new weights
+        stage.load_state_dict(loaded, strict=True)
         return path
 
 

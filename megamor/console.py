@@ -1,5 +1,5 @@
 """What rank 0 tells the operator: a start-up banner, a line per checkpoint saved, a final
-summary; a smoothed MFU; and megatron's log noise that is expected here, filtered out.
+summary; and megatron's log noise that is expected here, filtered out.
 
     megamor: mor model (expert_choice routing, 3 recursions, 8 unrolled layers): 250.62K ...
     megamor: layout tp1 x pp1 x dp2 = 2 rank(s) (cpu, fp32)
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections import deque
 from typing import Optional
 
 import torch
@@ -89,19 +88,6 @@ def mlflow_location(cfg, out) -> str:
         return "off (tracking.enabled=false)"
     return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") \
         or default_tracking_uri(out)
-
-
-class MfuWindow:
-    """MFU over the last `size` steps (sum of FLOPs over sum of seconds): single CPU steps vary
-    with what else runs on the machine; the window does not jump with them."""
-
-    def __init__(self, size: int):
-        self.steps: deque = deque(maxlen=max(1, size))
-
-    def add(self, flops: float, seconds: float, devices: int, peak: float) -> float:
-        from megamor.flops import mfu
-        self.steps.append((flops, seconds))
-        return mfu(sum(f for f, _ in self.steps), sum(s for _, s in self.steps), devices, peak)
 
 
 # megatron's check before each save compares every rank's "common" state with rank 0's; the

@@ -7,7 +7,7 @@
         No space left on device ...`; the `.tmp` removed, the previous checkpoint intact) and
         too many non-finite steps in a row (`train.on_nonfinite`)
     2   bad input found before any rank started (`megamor pretrain`'s pre-start checks,
-        megamor/preflight.py; `python -m launch.slurm --check`)
+        megamor/preflight.py; `python -m megamor.launch.slurm --check`)
     75  a checkpoint was saved on a signal (EXIT_PREEMPTED, megamor/checkpoint.py)
     76  a rank stalled: the hang watchdog ended the job (EXIT_HUNG, megamor/watchdog.py)
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from megamor.checkpoint import CheckpointError, check_model_shape, full_problem, read_meta, resolve_resume
+from megamor.checkpoint import (CheckpointError, check_compatible, full_problem, read_meta,
+                                resolve_resume)
 
 
 def build_single_process_model(cfg, vocab_size: int, *, seed: int | None = None,
@@ -51,7 +52,7 @@ def load_for_inference(path: str | Path):
     from megatron.core import dist_checkpointing
 
     from megamor.config import load_config
-    from tokenizer import load_tokenizer
+    from megamor.tokenizer import load_tokenizer
 
     ckpt = resolve_resume(str(path), Path(path))
     meta = read_meta(ckpt)
@@ -61,11 +62,12 @@ def load_for_inference(path: str | Path):
         # whichever engine trained it: the weights are megatron shards, read in one process
         "parallel.engine=megatron", "parallel.offload_optimizer=none",
         "parallel.offload_params=none", "parallel.deepspeed_config=null"])
-    check_model_shape(meta, cfg.model, ckpt)
+    check_compatible(meta, cfg, None, None, path=ckpt)
     problem = full_problem(ckpt)  # every file's checksum (sizes only for older checkpoints)
     if problem is not None:
         raise CheckpointError(problem)
     tok = load_tokenizer(ckpt / "tokenizer")
+    check_compatible(meta, cfg, tok, None, path=ckpt, inference=True)
     model, _ = build_single_process_model(cfg, cfg.model.vocab_size or tok.vocab_size)
     try:
         loaded = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt))

@@ -500,7 +500,7 @@ def cmd_plan(args) -> int:
     print(textwrap.fill(COLUMNS, width=100, subsequent_indent="  "))
     best = preds[0]
     if best.fits:
-        print("row 1 as overrides (megamor pretrain, launch.slurm): "
+        print("row 1 as overrides (megamor pretrain, megamor.launch.slurm): "
               + " ".join(layout_overrides(best.layout, gbs, seq, cfg)))
         line = sbatch_line(best.layout, gbs, seq, cfg, cluster.nodes)
         if line:

@@ -15,7 +15,7 @@ checkpoints (refused below one predicted checkpoint, a warning below two). Check
 and checkpoint files are not computed here (that would read them whole); the ranks verify them
 when they read them.
 
-Used by `megamor pretrain` (before starting ranks) and `python -m launch.slurm --check` (the
+Used by `megamor pretrain` (before starting ranks) and `python -m megamor.launch.slurm --check` (the
 Slurm batch step). Raises ConfigError, DataError, CheckpointError or PreflightError; each message
 names the option or file.
 """
@@ -94,7 +94,7 @@ def check_data(cfg: Config):
     the quickstart: importing it costs seconds)."""
     if cfg.data.path == "builtin":
         return None
-    from tokenizer import TokenizerError, load_tokenizer
+    from megamor.tokenizer import TokenizerError, load_tokenizer
     from megamor.data import DataError, ShardedTokenDataset, parse_data_spec
 
     spec, option = cfg.data.path, "data.path"
@@ -155,9 +155,8 @@ def check_resume(cfg: Config, tokenizer) -> Optional[Path]:
     resume = cfg.checkpoint.resume
     if resume is None:
         return None
-    from megamor.checkpoint import (CheckpointError, check_model_shape, check_resumable,
-                                    previous_hint, quick_problem, read_meta,
-                                    resume_candidates)
+    from megamor.checkpoint import (CheckpointError, check_compatible, previous_hint,
+                                    quick_problem, read_meta, resume_candidates)
     from megamor.schedule import plan_resume, saved_schedule
 
     candidates, explicit = resume_candidates(resume, checkpoint_root(cfg))
@@ -175,12 +174,7 @@ def check_resume(cfg: Config, tokenizer) -> Optional[Path]:
                                   f"{quick_problem(candidates[0])}")
         return None  # auto, nothing saved yet: a fresh start
     meta = read_meta(path)
-    check_resumable(meta, path, cfg.parallel.engine)
-    check_model_shape(meta, cfg.model, path)
-    if tokenizer is not None and not tokenizer.matches(meta.get("tokenizer_fingerprint")):
-        raise CheckpointError(
-            f"{path}: saved with tokenizer {meta.get('tokenizer_fingerprint')}, the data now "
-            f"uses {tokenizer.fingerprint}")
+    check_compatible(meta, cfg, tokenizer, cfg.parallel.engine, path=path)
     saved, state = saved_schedule(path, meta)
     plan_resume(saved, state, cfg.train, meta["step"], path)
     return path
@@ -208,7 +202,7 @@ def check_init_from(cfg: Config, tokenizer) -> None:
     init = cfg.checkpoint.init_from
     if not init:
         return
-    from megamor.checkpoint import CheckpointError, check_model_shape, quick_problem, read_meta
+    from megamor.checkpoint import CheckpointError, check_compatible, quick_problem, read_meta
 
     path = Path(init)
     if not path.exists():
@@ -219,24 +213,16 @@ def check_init_from(cfg: Config, tokenizer) -> None:
     problem = quick_problem(path)
     if problem is not None:
         raise CheckpointError(f"checkpoint.init_from={init}: {problem}")
-    meta = read_meta(path)
-    check_model_shape(meta, cfg.model, path)
     if tokenizer is None and cfg.data.path == "builtin":
         tokenizer = _builtin_tokenizer(cfg)
-    saved = meta.get("tokenizer_fingerprint")
-    if tokenizer is not None and not tokenizer.matches(saved):
-        raise CheckpointError(
-            f"checkpoint.init_from={init}: {path / 'megamor.json'} was saved with tokenizer "
-            f"{saved}, the data ({cfg.data.path}) uses {tokenizer.fingerprint}: tokenize the "
-            f"data with {path / 'tokenizer'} (`megamor data prepare INPUTS --out DIR "
-            f"--seq-length {cfg.model.seq_length} --tokenizer {path / 'tokenizer'}`) and set "
-            f"data.path=DIR")
+    check_compatible(read_meta(path), cfg, tokenizer, None, path=path,
+                     option=f"checkpoint.init_from={init}")
 
 
 def _builtin_tokenizer(cfg: Config):
     """The embedded corpus's tokenizer if it is already built, else None."""
     from megamor.data.builtin import builtin_dataset_root
-    from tokenizer import TokenizerError, load_tokenizer
+    from megamor.tokenizer import TokenizerError, load_tokenizer
 
     root = builtin_dataset_root(Path(os.path.expanduser(cfg.data.builtin_root)),
                                 cfg.model.seq_length, cfg.data.tokenizer_vocab_size)

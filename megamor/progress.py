@@ -2,7 +2,7 @@
 
 Every rank of a launched job (`megamor pretrain --nproc N`, Slurm tasks started by
 `launch/slurm.py`) gets MEGAMOR_PROGRESS_DIR, a directory on its own node that the node's hang
-watcher (megamor/watchdog.py) reads. The rank keeps two files there:
+watcher (megamor/node_watcher.py) reads. The rank keeps two files there:
 
     rank_<R>.json     one record, rewritten in place (a pwrite of a fixed 512 bytes: no file
                       created, renamed or closed) at every phase change, a few times per step:

@@ -155,7 +155,7 @@ def _checkpoints_up_to(root: Path, step: int) -> list[Path]:
 def saved_schedule(checkpoint: Path, meta: dict) -> tuple[TrainConfig, dict]:
     """The schedule options a checkpoint was trained with (its config.yaml) and its saved
     scheduler state (megamor.json)."""
-    from megamor.checkpoint import CheckpointError
+    from megamor.checkpoint_meta import CheckpointError
     from megamor.config import load_config
     try:
         train = load_config(checkpoint / "config.yaml").train

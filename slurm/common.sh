@@ -3,10 +3,10 @@
 # The script sets MEGAMOR_PRESET and its defaults (DEFAULT_TP, DEFAULT_PP, DEFAULT_PRECISION,
 # DEFAULT_MBS, DEFAULT_GBS) and calls `megamor_batch "$@"`, which:
 #   1. loads modules / a virtualenv, sets NCCL and threading variables (all overridable);
-#   2. runs the preflight (`python -m launch.slurm --check`): node list, rendezvous address,
+#   2. runs the preflight (`python -m megamor.launch.slurm --check`): node list, rendezvous address,
 #      config and parallel layout against nodes x tasks per node; a failure exits 2, no srun;
 #   3. starts one `srun` (optionally in a pyxis/enroot container) running
-#      `python -m launch.slurm -- pretrain --resume auto ...` per task;
+#      `python -m megamor.launch.slurm -- pretrain --resume auto ...` per task;
 #   4. forwards USR1/TERM from the batch shell (`--signal=B:USR1@N`, `scancel --signal=USR1
 #      --batch`) to the srun step, whose tasks save a checkpoint and exit 75 (megatron's
 #      checkpoint helper processes ignore the signal; megamor/lifecycle.py);
@@ -120,7 +120,7 @@ megamor_batch() {
   # preflight also prints the addresses gloo and NCCL use on this node.
   local check=(--check --world-size "$ntasks")
   [ "$device" = cuda ] && check+=(--require-data)
-  MEGAMOR_WORLD_SIZE=$ntasks "$py" -m launch.slurm "${check[@]}" -- "${args[@]}" \
+  MEGAMOR_WORLD_SIZE=$ntasks "$py" -m megamor.launch.slurm "${check[@]}" -- "${args[@]}" \
     || { megamor_log "preflight failed; not starting srun"; exit 2; }
 
   # Tasks exit together (training and a signal checkpoint end in collectives); a task that
@@ -139,7 +139,7 @@ megamor_batch() {
   # shellcheck disable=SC2206
   [ -n "${MEGAMOR_SRUN_ARGS:-}" ] && srun_opts+=($MEGAMOR_SRUN_ARGS)
   if [ "${MEGAMOR_DRY_RUN:-0}" = 1 ]; then
-    echo "srun ${srun_opts[*]} $py -m launch.slurm -- ${args[*]}"
+    echo "srun ${srun_opts[*]} $py -m megamor.launch.slurm -- ${args[*]}"
     return 0
   fi
 
@@ -147,7 +147,7 @@ megamor_batch() {
   mkdir -p "$out" && echo "${SLURM_JOB_ID:-}" > "$out/.slurm_job"
   local stamp; stamp=$(mktemp "${TMPDIR:-/tmp}/megamor-start.XXXXXX")
   MEGAMOR_GOT_TERM=0 MEGAMOR_GOT_USR1=0
-  srun "${srun_opts[@]}" "$py" -m launch.slurm -- "${args[@]}" &
+  srun "${srun_opts[@]}" "$py" -m megamor.launch.slurm -- "${args[@]}" &
   MEGAMOR_SRUN_PID=$!
   trap 'MEGAMOR_GOT_USR1=1; megamor_log "USR1: asking the ranks to checkpoint"; kill -USR1 $MEGAMOR_SRUN_PID 2>/dev/null' USR1
   trap 'MEGAMOR_GOT_TERM=1; megamor_log "TERM: asking the ranks to checkpoint"; kill -TERM $MEGAMOR_SRUN_PID 2>/dev/null' TERM

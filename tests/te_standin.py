@@ -174,7 +174,7 @@ def install(monkeypatch) -> Recorder:
     from megatron.core.extensions import transformer_engine as mte
 
     import megamor.model.specs as specs
-    import megamor.trainer as trainer
+    import megamor.training.loop as loop
 
     rec = Recorder()
     monkeypatch.setattr(fp8_utils, "get_fp8_context", rec.get_fp8_context)
@@ -183,12 +183,12 @@ def install(monkeypatch) -> Recorder:
     monkeypatch.setattr(specs, "provider",
                         lambda b: StandInTESpecProvider() if b == "te" else real_provider(b))
     monkeypatch.setattr(specs, "check_te_available", lambda: None)
-    real_precision = trainer.resolve_precision
+    real_precision = loop.resolve_precision
 
     def precision(cfg, device):
         if cfg.train.precision == "fp8":
             return torch.bfloat16, True
         return real_precision(cfg, device)
-    monkeypatch.setattr(trainer, "resolve_precision", precision)
+    monkeypatch.setattr(loop, "resolve_precision", precision)
     monkeypatch.setattr(sys.modules[__name__], "REC", rec)  # None again after the test
     return rec

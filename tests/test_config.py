@@ -86,7 +86,8 @@ def test_cli_reports_config_errors_before_starting_ranks():
 def test_gpu_only_paths_fail_clearly_without_a_gpu():
     import torch
     from megamor.model.specs import spec_for_run
-    from megamor.trainer import resolve_device, resolve_precision
+    from megamor.device import resolve_device
+    from megamor.precision import resolve_precision
 
     cpu = torch.device("cpu")
     for prec in ("bf16", "fp8"):
@@ -103,7 +104,7 @@ def test_cpu_bf16_is_an_explicit_opt_in(monkeypatch):
     """MEGAMOR_CPU_BF16=1 (the suite, anyone testing the GPU program on a CPU) lifts the CPU
     refusal of bf16, and of bf16 only."""
     import torch
-    from megamor.trainer import resolve_precision
+    from megamor.precision import resolve_precision
 
     cpu = torch.device("cpu")
     monkeypatch.setenv("MEGAMOR_CPU_BF16", "1")
@@ -127,7 +128,7 @@ def test_cpu_bf16_is_an_explicit_opt_in(monkeypatch):
 def test_the_gpu_of_a_rank_follows_what_it_sees(monkeypatch, visible, local_rank, local_world,
                                                want):
     import torch
-    from megamor.trainer import resolve_device
+    from megamor.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)

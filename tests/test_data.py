@@ -23,7 +23,7 @@ from megamor.data import (
     prepare_dataset,
 )
 from megamor.data.shard_writer import commit_manifest
-from tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_bpe
+from megamor.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_bpe
 
 SEQ = 32
 VOCAB = 512

@@ -26,7 +26,7 @@ from megamor.data import (
     resolve_inputs,
 )
 from megamor.data.sources import Counts, is_validation_doc, iter_documents
-from tokenizer import (
+from megamor.tokenizer import (
     Tokenizer,
     TokenizerError,
     load_from_checkpoint,

@@ -155,7 +155,7 @@ def test_engine_state_is_loaded_without_arbitrary_unpickling(tmp_path):
     """Resume reads DeepSpeed's files through `load_engine_file` (the resume test above passes
     through it); a file holding any other object is refused, naming it, and nothing runs."""
     from megamor.checkpoint import CheckpointError
-    from megamor.engines.deepspeed_engine import load_engine_file
+    from megamor.engines.deepspeed_config import load_engine_file
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
     ok = tmp_path / "ok.pt"
@@ -181,7 +181,7 @@ class _Runs:
 
 
 def test_generated_config_pins_the_gpu_choices():
-    from megamor.engines.deepspeed_engine import deepspeed_config
+    from megamor.engines.deepspeed_config import deepspeed_config
 
     cfg = load_config(None, ["parallel.engine=deepspeed", "parallel.zero_stage=3",
                              "parallel.offload_optimizer=cpu", "parallel.offload_params=cpu",
@@ -207,7 +207,7 @@ def test_generated_config_pins_the_gpu_choices():
 
 
 def test_json_overrides_are_merged_and_reported(tmp_path):
-    from megamor.engines.deepspeed_engine import apply_overrides
+    from megamor.engines.deepspeed_config import apply_overrides
 
     f = tmp_path / "ds.json"
     f.write_text(json.dumps({"zero_optimization": {"stage3_max_reuse_distance": 0, "stage": 3},

@@ -14,7 +14,7 @@ from megamor.config import ConfigError
 from megamor.data import DataError
 from megamor.preflight import PreflightError
 from megamor.schedule import ScheduleError
-from tokenizer import TokenizerError
+from megamor.tokenizer import TokenizerError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -118,7 +118,8 @@ def test_trainer_fp8_steps_depth_map_and_evaluation_loss(monkeypatch, tmp_path, 
     from megamor.config import load_config
     from megamor.data import get_batch
     from megamor.inference import routing_depths
-    from megamor.trainer import Trainer
+    from megamor.training.depth_maps import routing_depths as training_depths
+    from megamor.training.loop import Trainer
 
     rec = te_standin.install(monkeypatch)
     cfg = load_config(None, [*TINY, "model.backend=te", "train.precision=fp8",
@@ -126,27 +127,28 @@ def test_trainer_fp8_steps_depth_map_and_evaluation_loss(monkeypatch, tmp_path, 
                              "routing.type=token_choice", f"data.builtin_root={builtin_root}",
                              f"run.output_dir={tmp_path / 'run'}"])
     trainer = Trainer(cfg)
-    te_standin.name_linears(trainer.stage)
-    assert trainer.tcfg.fp8 and trainer.stage.layers["0"].mlp.linear_fc1.weight.dtype == torch.bfloat16
+    engine = trainer.engine
+    te_standin.name_linears(engine.stage)
+    assert engine.tcfg.fp8 and engine.stage.layers["0"].mlp.linear_fc1.weight.dtype == torch.bfloat16
     for _ in range(2):
         rec.clear()
         trainer.train_step()
         assert rec.calls and not [c.module for c in rec.calls if c.stale]
-    batch = get_batch(trainer.dataset, [0, 1])
+    batch = get_batch(trainer.data.dataset, [0, 1])
     # What the GPU check did before: the model called directly reuses the casts of the weights
     # before the last optimizer step.
     rec.clear()
     with torch.no_grad():
-        trainer.model(input_ids=batch["tokens"], labels=batch["labels"])
+        engine.model(input_ids=batch["tokens"], labels=batch["labels"])
     assert [c for c in rec.calls if c.stale], "expected stale casts outside the schedule"
     rec.clear()
-    loss = trainer.batch_loss(batch["tokens"], batch["labels"])
+    loss = engine.batch_loss(batch["tokens"], batch["labels"])
     assert loss == loss and loss > 0
     assert rec.calls and not [c.module for c in rec.calls if c.stale]
     # Depth map of a 13-token sample: padded for FP8, same depths as without FP8 unpadded.
-    ids = trainer.depth_map_ids[:13]
-    depths = trainer.routing_depths(ids)
+    ids = trainer.depth_maps.ids[:13]
+    depths = training_depths(engine, ids)
     assert len(depths) == 13
     monkeypatch.setattr(fp8_utils, "get_fp8_context", lambda *a, **k: contextlib.nullcontext())
-    trainer.model.eval()
-    assert routing_depths(trainer.stage, ids) == depths
+    engine.model.eval()
+    assert routing_depths(engine.stage, ids) == depths

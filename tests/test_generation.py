@@ -221,7 +221,7 @@ def test_cli_on_an_exported_directory(tmp_path, capsys):
     """`megamor generate DIR --prompts FILE`: text in, JSON lines out in input order, tokens equal
     the exported model's generate(); bad input names the line and writes nothing."""
     from megamor.hf.export import save_tokenizer
-    from tokenizer import train_bpe
+    from megamor.tokenizer import train_bpe
 
     tok = train_bpe(["the module reads the file and splits each line into fields"] * 20,
                     VOCAB, tmp_path / "tok")

@@ -39,10 +39,10 @@ def test_training_collectives_are_nccl_legal(tmp_path, builtin_root):
     assert len(ranks[0]["depths"]) == 16 and ranks[1]["depths"] is None
     seen = set(ranks[0]["calls"]) | set(ranks[1]["calls"])
     expected = {
-        "all_reduce @ megamor/trainer.py:_reduce_metrics",
-        "all_reduce @ megamor/trainer.py:_signal_agreed",
+        "all_reduce @ megamor/training/metrics.py:reduce",
+        "all_reduce @ megamor/training/signals.py:agreed",
         "all_reduce @ megamor/parallel.py:allreduce_shared_grads",
-        "all_gather_object @ megamor/trainer.py:routing_depths",
+        "all_gather_object @ megamor/training/depth_maps.py:routing_depths",
         "all_reduce @ megamor/model/routing.py:balancing_loss",
         "all_reduce @ megamor/model/routing.py:update_bias",
     }
@@ -108,7 +108,7 @@ def test_gpu_check_driver_runs_on_cpu(tmp_path, builtin_root):
     for r in (first, second):
         assert r["backend"] == "cpu:gloo,cuda:gloo" and r["precision"] == "bf16"
         assert 0.0 < r["rel_diff"] <= 2e-2 and r["tokens_per_s"] > 0 and r["violations"] == []
-    for r, path in ((first, "save"), (second, "load")):
+    for r, path in ((first, "save"), (second, "read_shards")):
         assert f"all_gather_object @ megamor/checkpoint.py:{path}" in r["object_collectives"], r
         assert r["inner_calls"][f"all_gather in all_gather_object @ megamor/checkpoint.py:{path}"]
 

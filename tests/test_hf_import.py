@@ -36,7 +36,7 @@ CKPT_NAMES = {
 @pytest.fixture(scope="module")
 def tok(builtin_root):
     from megamor.data import builtin_dataset_root, ensure_builtin_dataset
-    from tokenizer import load_tokenizer
+    from megamor.tokenizer import load_tokenizer
 
     root = builtin_dataset_root(builtin_root, SEQ, VOCAB)
     ensure_builtin_dataset(root, SEQ, VOCAB)
@@ -222,7 +222,7 @@ def run_readme_example(hf_dir: Path, tmp: Path, model_overrides: list, capsys):
 def first_batch_loss(model, cfg) -> float:
     """The loss the trainer reports for step 1 (global batch 0) under training-mode routing."""
     from megamor.data import GlobalBatchSampler, get_batch
-    from megamor.trainer import open_dataset
+    from megamor.training.data import open_dataset
 
     _, data = open_dataset(cfg)
     t = cfg.train
@@ -357,7 +357,7 @@ def test_vanilla_round_trip_is_lossless(tmp_path, llama6):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     # Issue 19 item 6: the exported tokenizer.json gains a post-processor (transformers'), which
     # changes no token id: the fingerprint stays, so the re-import's data still matches.
-    from tokenizer import load_tokenizer
+    from megamor.tokenizer import load_tokenizer
     assert json.loads((back / "tokenizer.json").read_text())["post_processor"] is not None
     assert load_tokenizer(back).fingerprint == load_tokenizer(hf_dir).fingerprint
     again = json.loads((import_hf(back, tmp_path / "again") / "megamor.json").read_text())
@@ -404,7 +404,7 @@ def test_imported_config_needs_data_and_a_matching_tokenizer_before_ranks_start(
     after 9 s) although the docs promise the check before they start (exit 2)."""
     from megamor.cli import main
     from megamor.data import prepare_dataset
-    from tokenizer import train_bpe
+    from megamor.tokenizer import train_bpe
 
     ck = import_hf(llama6[0], tmp_path / "ck")
 

@@ -15,7 +15,7 @@ import torch
 
 from conftest import ROOT, run_ranks
 from megamor.model.mor_model import dead_token_ratios
-from megamor.trainer import router_warnings
+from megamor.training.metrics import router_warnings
 
 # A fixed routing pattern: 3 recursion steps over T = 6 positions, two sequences.
 SEQ_A = [[1, 1, 1, 1, 1, 1],  # step 1 (capacity 1)

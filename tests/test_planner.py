@@ -158,7 +158,7 @@ def test_plan_cli_prints_a_table_and_rejects_bad_input(capsys):
     assert "tp pp   dp mbs recompute" in text and text.count("megatron") == 3
     # Issue 19 item 7: the columns explained, the first row as options
     assert "columns: tp, pp, dp = tensor, pipeline, data parallel sizes" in text
-    assert "row 1 as overrides (megamor pretrain, launch.slurm): parallel.tensor_model_parallel_size=" in text
+    assert "row 1 as overrides (megamor pretrain, megamor.launch.slurm): parallel.tensor_model_parallel_size=" in text
     assert "train.global_batch_size=16" in text
     # a preset with a Slurm script: its sbatch line; the batch defaults to the preset's (256)
     assert cli_main(["plan", "--preset", "1p7b", "--nodes", "8", "--top", "1"]) == 0

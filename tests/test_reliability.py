@@ -62,7 +62,7 @@ def test_schedule_lengths_are_validated(capsys):
 
 
 def test_inputs_are_checked_before_any_rank_starts(tmp_path, capsys, one_shard_data):
-    from launch.slurm import main as launch_main
+    from megamor.launch.slurm import main as launch_main
 
     out_dir = f"run.output_dir={tmp_path / 'run'}"
 
@@ -92,7 +92,7 @@ def test_inputs_are_checked_before_any_rank_starts(tmp_path, capsys, one_shard_d
     assert "has no manifest.json" in pretrain(f"data.path={empty}")
     assert "model.seq_length=64" in pretrain(f"data.path={one_shard_data}", "model.seq_length=32")
 
-    from tokenizer import train_bpe
+    from megamor.tokenizer import train_bpe
     other = train_bpe(["a few words of another corpus"] * 20, 300, tmp_path / "other_tok")
     line = preflight(f"data.path={one_shard_data}", f"data.tokenizer={tmp_path / 'other_tok'}")
     assert "tokenizer fingerprint mismatch" in line and other.fingerprint in line

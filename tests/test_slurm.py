@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from conftest import freeze_in_data
-from launch import slurm as L
-from megamor.watchdog import node_progress_dir
+from megamor.launch import slurm as L
+from megamor.node_watcher import node_progress_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SETUP = REPO / "tests" / "slurm" / "setup_cluster.sh"
@@ -78,7 +78,7 @@ def _launch(args, env=None, timeout=120):
     e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE",
                                                                    "MASTER_"))}
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "launch.slurm", *args], cwd=REPO, env=e,
+    return subprocess.run([sys.executable, "-m", "megamor.launch.slurm", *args], cwd=REPO, env=e,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -146,7 +146,7 @@ def test_preflight_prints_the_address_of_each_side(tmp_path):
 
 
 def test_network_choice_rules():
-    from launch import network as N
+    from megamor.launch import network as N
 
     names = ["docker0", "eth0", "eth1", "ib0", "lo"]
     assert N.nccl_selects("eth", names) == ["eth0", "eth1"]
@@ -500,7 +500,7 @@ def test_two_hosts_over_veth(two_hosts, tmp_path, data_root):
                    MEGAMOR_NODELIST_PARSER="builtin", GLOO_SOCKET_IFNAME=h["devs"][rank],
                    OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen(
-            ["ip", "netns", "exec", h["ns"][rank], sys.executable, "-m", "launch.slurm", "--",
+            ["ip", "netns", "exec", h["ns"][rank], sys.executable, "-m", "megamor.launch.slurm", "--",
              "pretrain", *TINY, "train.train_steps=3", "train.device=cpu",
              f"data.builtin_root={data_root}", f"run.output_dir={tmp_path / 'run'}"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))

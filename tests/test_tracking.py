@@ -102,7 +102,7 @@ def server(tmp_path_factory):
 
 
 def _step_metrics(step: int) -> dict:
-    # the shape of Trainer._reduce_metrics' dict
+    # the shape of StepMetrics.reduce's dict (megamor/training/metrics.py)
     return {"step": step, "loss": 5.0 - 0.1 * step, "lr": 1e-3 * step, "grad_norm": 1.5,
             "tokens_per_s": 1000.0 + step, "router/step2/selected": 40.0 + step,
             "frac/step2": 0.66, "layer_tokens": [64.0, 64.0, 42.0, 21.0]}

@@ -19,11 +19,12 @@ import psutil
 import pytest
 import torch
 
-from megamor import parallel, watchdog
+from megamor import node_watcher, parallel, watchdog
 from megamor.config import ConfigError, load_config
 from megamor.progress import Progress, parse_test_delays, read_record, record_path
 from megamor.stragglers import Sections, Stragglers, line_part
-from megamor.watchdog import NodeWatcher, Timeouts, judge, verdict_line
+from megamor.node_watcher import NodeWatcher
+from megamor.watchdog import Timeouts, judge, verdict_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -276,9 +277,9 @@ def test_progress_records_and_test_delays(tmp_path):
         ("data", 1, None, 0.2), ("checkpoint", 0, 6, 13.0)]
     with pytest.raises(ValueError, match="cannot read 'dta@1=2'"):
         parse_test_delays("dta@1=2")
-    assert watchdog.node_progress_dir({"SLURM_JOB_ID": "5", "NODE_RANK": "1"}) == \
-        watchdog.node_progress_dir({"SLURM_JOB_ID": "5", "NODE_RANK": "1"}) != \
-        watchdog.node_progress_dir({"SLURM_JOB_ID": "5", "NODE_RANK": "0"})
+    assert node_watcher.node_progress_dir({"SLURM_JOB_ID": "5", "NODE_RANK": "1"}) == \
+        node_watcher.node_progress_dir({"SLURM_JOB_ID": "5", "NODE_RANK": "1"}) != \
+        node_watcher.node_progress_dir({"SLURM_JOB_ID": "5", "NODE_RANK": "0"})
 
 
 # ----------------------------------------------------------------------------- stragglers

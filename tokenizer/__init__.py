@@ -1,6 +1,6 @@
 """Tokenizer training and loading for megamor (byte-level BPE via HF ``tokenizers``)."""
 
-from tokenizer.bpe import (
+from megamor.tokenizer.bpe import (
     CHECKPOINT_TOKENIZER_DIR,
     DEFAULT_SPECIAL_TOKENS,
     EOS_CANDIDATES,

@@ -12,7 +12,7 @@ from megamor.data.corpus import builtin_corpus
 from megamor.data.prepare import prepare_dataset
 from megamor.data.manifest import MANIFEST_FILE, DataError, load_manifest
 from megamor.data.sources import BUILTIN
-from tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_bpe
+from megamor.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_bpe
 
 TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "val")

@@ -37,7 +37,7 @@ def _add_reading_options(p: argparse.ArgumentParser) -> None:
 def cmd_tokenizer_train(args: Any) -> int:
     from megamor.data.manifest import DataError
     from megamor.data.sources import Counts, iter_documents
-    from tokenizer import TokenizerError, train_bpe
+    from megamor.tokenizer import TokenizerError, train_bpe
 
     specials = [t for t in args.special_tokens.split(",") if t]
     counts = Counts()
@@ -68,7 +68,7 @@ def _report_counts(counts: Any) -> None:
 
 
 def cmd_tokenizer_import(args: Any) -> int:
-    from tokenizer import TokenizerError, load_tokenizer
+    from megamor.tokenizer import TokenizerError, load_tokenizer
     try:
         tok = load_tokenizer(args.source, eos_token=args.eos_token, pad_token=args.pad_token)
         tok.save(args.out)
@@ -79,7 +79,7 @@ def cmd_tokenizer_import(args: Any) -> int:
 
 
 def cmd_tokenizer_info(args: Any) -> int:
-    from tokenizer import TokenizerError, load_tokenizer
+    from megamor.tokenizer import TokenizerError, load_tokenizer
     try:
         tok = load_tokenizer(args.path, eos_token=args.eos_token, pad_token=args.pad_token)
     except TokenizerError as e:
@@ -102,7 +102,7 @@ def cmd_data_prepare(args: Any) -> int:
     from megamor.data.prepare import TOKENIZER_DIR, prepare_dataset
     from megamor.data.manifest import DataError
     from megamor.data.sources import iter_documents
-    from tokenizer import TokenizerError, load_tokenizer, train_bpe
+    from megamor.tokenizer import TokenizerError, load_tokenizer, train_bpe
 
     if (args.tokenizer is None) == (args.vocab_size is None):
         sys.exit("megamor: data prepare: give exactly one of --tokenizer PATH (use an existing "
@@ -132,7 +132,7 @@ def cmd_data_inspect(args: Any) -> int:
     from megamor.data.loader import BlendedDataset, open_training_data, parse_data_spec
     from megamor.data.manifest import DataError, load_manifest
     from megamor.data.shard_reader import ShardedTokenDataset
-    from tokenizer import TokenizerError, load_tokenizer
+    from megamor.tokenizer import TokenizerError, load_tokenizer
 
     try:
         comps = parse_data_spec(args.target)

@@ -224,7 +224,7 @@ def _fingerprint(input_hashes: list[dict], options: dict, tokenizer_fp: str) -> 
 
 
 def _save_tokenizer(tokenizer: Any, out: Path) -> None:
-    from tokenizer import TokenizerError, load_tokenizer
+    from megamor.tokenizer import TokenizerError, load_tokenizer
     dest = out / TOKENIZER_DIR
     try:
         if load_tokenizer(dest).fingerprint == tokenizer.fingerprint:

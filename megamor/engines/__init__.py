@@ -1,16 +1,15 @@
-"""Training engines. `megatron` (the default) is `megamor.trainer.Trainer`: megatron's DDP,
-distributed optimizer and pipeline schedules. `deepspeed` is `megamor.engines.deepspeed_engine`:
-the same model, data, logging, tracking and checkpoints under DeepSpeed's ZeRO."""
+"""Training engines, below the one training loop (megamor/training/loop.py), behind the interface
+of `megamor.engines.base.Engine`: `megatron` (the default; megatron's DDP, distributed optimizer
+and pipeline schedules, megamor/engines/megatron.py) and `deepspeed` (DeepSpeed's ZeRO-1/2/3,
+megamor/engines/deepspeed.py). docs/engines.md compares them."""
 
 from __future__ import annotations
 
-from megamor.config import Config
 
-
-def create_trainer(cfg: Config):
-    """The trainer of `parallel.engine`."""
-    if cfg.parallel.engine == "deepspeed":
-        from megamor.engines.deepspeed_engine import DeepSpeedTrainer
-        return DeepSpeedTrainer(cfg)
-    from megamor.trainer import Trainer
-    return Trainer(cfg)
+def create_engine(ctx):
+    """The engine of `parallel.engine`, not built yet (`Engine.build`)."""
+    if ctx.cfg.parallel.engine == "deepspeed":
+        from megamor.engines.deepspeed import DeepSpeedEngine
+        return DeepSpeedEngine(ctx)
+    from megamor.engines.megatron import MegatronEngine
+    return MegatronEngine(ctx)

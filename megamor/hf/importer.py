@@ -347,10 +347,10 @@ def import_hf(src, out, overrides=(), init: str = "stepwise", overwrite: bool = 
     """Import the Hugging Face model directory `src` as a weights-only checkpoint at `out`."""
     from megatron.core import dist_checkpointing
 
-    from megamor.checkpoint import META, SHAPE_FIELDS, now
+    from megamor.checkpoint import META, identity, now
     from megamor.config import save_config
-    from tokenizer import load_tokenizer
-    from tokenizer.bpe import TokenizerError
+    from megamor.tokenizer import load_tokenizer
+    from megamor.tokenizer.bpe import TokenizerError
 
     src, out = Path(src), Path(out)
     if init not in INITS:
@@ -404,11 +404,10 @@ def import_hf(src, out, overrides=(), init: str = "stepwise", overwrite: bool = 
             "format": 1, "kind": "weights", "saved_at": now(), "step": 0, "consumed_samples": 0,
             "source": str(src.resolve()), "init": init,
             "layer_sources": {str(u): ("random" if s is None else s) for u, s in sources.items()},
-            "model": {**{k: getattr(m, k) for k in SHAPE_FIELDS}, "vocab_size": m.vocab_size,
-                      "padded_vocab_size": padded},
-            "layout": {"tp": 1, "pp": 1, "dp": 1},
-            "tokenizer_fingerprint": tok.fingerprint,
+            **identity(m, tok, {"tp": 1, "pp": 1, "dp": 1}),
         }
+        # Its vocabulary too: `checkpoint.init_from` compares it (checkpoint_meta.check_compatible)
+        meta["model"].update(vocab_size=m.vocab_size, padded_vocab_size=padded)
         from megamor.checksums import ALGORITHM, checkpoint_files, compute
         meta["checksum"], meta["files"] = ALGORITHM, compute(tmp, checkpoint_files(tmp))
         (tmp / META).write_text(json.dumps(meta, indent=1))  # last: marks the checkpoint complete

@@ -58,14 +58,15 @@ def record_router_scores(stage) -> dict:
 
 def wrapping(trainer) -> dict:
     """What wraps the stage and in which dtypes it computes."""
-    model, stage = trainer.model, trainer.stage
+    model, stage = trainer.engine.model, trainer.engine.stage
     chain, m = [], model
     while m is not None:
         chain.append(type(m).__name__)
         m = getattr(m, "module", None)
     router_ids = {id(p) for r in stage.routers.values() for p in r.parameters()}
     layer_params = {dtype_name(p) for p in stage.parameters() if id(p) not in router_ids}
-    opts = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+    optimizer = trainer.engine.optimizer
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
     return {
         "chain": chain,
         "param_dtypes": sorted(layer_params),
@@ -96,7 +97,7 @@ def main():
 
     from megamor import parallel
     from megamor.config import load_config
-    from megamor.trainer import Trainer
+    from megamor.training.loop import Trainer
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -128,7 +129,7 @@ def main():
     n, k = args.steps, args.save_every
     t = trainer("pp2_bf16", *PP2_TC, "train.precision=bf16", f"train.train_steps={n}",
                 f"checkpoint.save_interval={k}")
-    scores = record_router_scores(t.stage)
+    scores = record_router_scores(t.engine.stage)
     out["pp2_bf16"] = {"history": t.train(), "wrapping": wrapping(t),
                        "scores": {r: sorted(d) for r, d in scores.items()}}
     t = trainer("pp2_fp32", *PP2_TC, "train.precision=fp32", f"train.train_steps={n}")
@@ -138,7 +139,7 @@ def main():
     out["pp2_resume"] = {"resumed_at": t.step, "history": steps(t, n - k)}
     m = args.tp_steps
     t = trainer("tp2_bf16", *TP2_EC, "train.precision=bf16", f"train.train_steps={m}")
-    scores = record_router_scores(t.stage)
+    scores = record_router_scores(t.engine.stage)
     out["tp2_bf16"] = {"history": steps(t, m), "wrapping": wrapping(t),
                        "scores": {r: sorted(d) for r, d in scores.items()}}
     t = trainer("tp2_fp32", *TP2_EC, "train.precision=fp32", f"train.train_steps={m}")

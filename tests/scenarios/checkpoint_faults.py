@@ -28,14 +28,14 @@ import torch.distributed as dist  # noqa: E402
 
 from megamor import parallel  # noqa: E402
 from megamor.config import load_config  # noqa: E402
-from megamor.engines import create_trainer  # noqa: E402
+from megamor.training.loop import Trainer  # noqa: E402
 
 
 def weights_sum(trainer) -> float:
     """Sum of every weight (ZeRO-3 partitions summed over the ranks): equal iff nothing moved,
     to the precision that matters here."""
     total = torch.zeros(1, dtype=torch.float64)
-    for p in trainer.stage.parameters():
+    for p in trainer.engine.stage.parameters():
         t = getattr(p, "ds_tensor", None)
         total += (t if t is not None else p).detach().double().sum().cpu()
     dist.all_reduce(total)
@@ -44,12 +44,13 @@ def weights_sum(trainer) -> float:
 
 def inject(trainer, steps: dict) -> None:
     """Multiply the per-token loss the stage returns by `steps[k]` at training step k."""
-    stage, forward = trainer.stage, trainer.stage.forward
+    stage = trainer.engine.stage
+    forward = stage.forward
 
     def patched(*args, **kwargs):
         out = forward(*args, **kwargs)
         factor = steps.get(trainer.step + 1)
-        if factor is not None and kwargs.get("labels") is not None and trainer.stage.training:
+        if factor is not None and kwargs.get("labels") is not None and stage.training:
             out = out * factor
         return out
 
@@ -80,7 +81,7 @@ def main():
             return None
         res = out[name] = {}
         try:
-            trainer = create_trainer(cfg(name, *extra))
+            trainer = Trainer(cfg(name, *extra))
             res["resumed_from"] = str(trainer.resumed_from) if trainer.resumed_from else None
             if faults:
                 inject(trainer, faults)

@@ -32,7 +32,7 @@ import torch.distributed as dist  # noqa: E402
 
 from megamor import parallel  # noqa: E402
 from megamor.config import load_config  # noqa: E402
-from megamor.engines import create_trainer  # noqa: E402
+from megamor.training.loop import Trainer  # noqa: E402
 
 KINDS = {
     "mor_ec": ["model.arch=mor", "routing.type=expert_choice"],
@@ -59,7 +59,7 @@ def main():
 
     def run(name: str, *extra: str, faults=None):
         cfg = load_config(None, [*base, f"run.output_dir={root / name}", *extra])
-        trainer = create_trainer(cfg)
+        trainer = Trainer(cfg)
         sums = []
         if faults:  # issue 19: inject non-finite losses, record the weights after every step
             from checkpoint_faults import inject, weights_sum
@@ -83,9 +83,10 @@ def main():
     ids = torch.arange(1, 49).unsqueeze(0)
 
     def logits_of(trainer) -> list:
-        trainer.model.eval()
+        model = trainer.engine.model
+        model.eval()
         with torch.no_grad():
-            return trainer.model(input_ids=ids.remainder(trainer.vocab_size))[:, 0].tolist()
+            return model(input_ids=ids.remainder(trainer.vocab_size))[:, 0].tolist()
 
     for kind, spec in KINDS.items():
         trainer = run(f"reference/{kind}", *spec)
@@ -133,7 +134,7 @@ def main():
                         ("offload/zero3_all", ["parallel.zero_stage=3", "parallel.offload_optimizer=cpu",
                                                "parallel.offload_params=cpu"])):
         trainer = run(name, *KINDS["mor_ec"], *DS, *extra)
-        e = trainer.model
+        e = trainer.engine.model
         out[name]["engine"] = {"offload_optimizer": bool(e.zero_offload_optimizer()),
                                "offload_param": bool(e.zero_offload_param()),
                                "zero_stage": e.zero_optimization_stage(),
@@ -149,11 +150,11 @@ def main():
         trainer = run(f"traffic/{mode}", *KINDS["mor_ec"], *DS, "parallel.zero_stage=3",
                       f"parallel.zero3_shared_block={mode}", f"parallel.deepspeed_config={overrides}")
         if mode == "once":
-            out["traffic/once"]["residency_gathers"] = trainer.residency.gathers
-            from megamor.engines.deepspeed_engine import shared_block_params
+            out["traffic/once"]["residency_gathers"] = trainer.engine.residency.gathers
+            from megamor.engines.zero3 import shared_block_params
             out["traffic/shared_block_bytes"] = sum(
-                p.ds_numel * p.ds_tensor.element_size() for p in shared_block_params(trainer.stage))
-            out["traffic/num_microbatches"] = trainer.num_microbatches
+                p.ds_numel * p.ds_tensor.element_size() for p in shared_block_params(trainer.engine.stage))
+            out["traffic/num_microbatches"] = trainer.engine.num_microbatches
 
     # Logits of the trained ZeRO-3 model (its final checkpoint is exported by the test).
     trainer = run("logits", *KINDS["mor_ec"], *DS, "parallel.zero_stage=3",
@@ -168,11 +169,11 @@ def main():
                         ("cross/deepspeed_from_megatron", [*DS, "parallel.zero_stage=3",
                                                            f"checkpoint.init_from={meg_ckpt}"])):
         cfg = load_config(None, [*base, *KINDS["mor_ec"], f"run.output_dir={root / name}", *extra])
-        trainer = create_trainer(cfg)  # weights loaded, not trained further
+        trainer = Trainer(cfg)  # weights loaded, not trained further
         out[name] = {"logits": logits_of(trainer)}
     from megamor.checkpoint import CheckpointError
     try:
-        create_trainer(load_config(None, [*base, *KINDS["mor_ec"], f"checkpoint.resume={ds_ckpt}",
+        Trainer(load_config(None, [*base, *KINDS["mor_ec"], f"checkpoint.resume={ds_ckpt}",
                                           f"run.output_dir={root / 'cross/refused'}"]))
         out["cross/refused"] = None
     except CheckpointError as e:

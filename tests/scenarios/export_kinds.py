@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from megamor import parallel  # noqa: E402
 from megamor.config import load_config  # noqa: E402
-from megamor.trainer import Trainer  # noqa: E402
+from megamor.training.loop import Trainer  # noqa: E402
 from train_kinds import KINDS  # noqa: E402
 
 EXTRA_KINDS = {

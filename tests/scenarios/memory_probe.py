@@ -17,8 +17,8 @@ warnings.filterwarnings("ignore")
 
 from megamor import parallel
 from megamor.config import load_config
-from megamor.engines import create_trainer
-from megamor.trainer import open_dataset
+from megamor.training.data import open_dataset
+from megamor.training.loop import Trainer
 
 
 def status_kib(field: str) -> int:
@@ -40,7 +40,7 @@ def main():
     open_dataset(cfg)  # build the embedded corpus's tokenizer and shards outside the measurement
     Path("/proc/self/clear_refs").write_text("5")
     base = status_kib("VmRSS")
-    trainer = create_trainer(cfg)
+    trainer = Trainer(cfg)
     for _ in range(args.steps):
         trainer.train_step()
     peak = status_kib("VmHWM")

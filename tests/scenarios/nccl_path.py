@@ -29,7 +29,8 @@ import torch.distributed as dist  # noqa: E402
 
 from megamor import parallel  # noqa: E402
 from megamor.config import load_config  # noqa: E402
-from megamor.trainer import Preempted, Trainer  # noqa: E402
+from megamor.training.depth_maps import routing_depths  # noqa: E402
+from megamor.training.loop import Preempted, Trainer  # noqa: E402
 
 
 def signal_after(trainer, step: int) -> None:
@@ -64,7 +65,7 @@ def main():
         out["exit"] = None
     except Preempted as e:
         out["exit"] = e.code
-    out["depths"] = first.routing_depths(first.depth_map_ids[:16])
+    out["depths"] = routing_depths(first.engine, first.depth_maps.ids[:16])
     second = Trainer(load_config(None, common + ["checkpoint.resume=auto", *args.resume_with]))
     out["resumed_at"] = second.step
     out["losses"] = [m["loss"] for m in first.history + second.train()]

@@ -25,7 +25,7 @@ from megatron.core.pipeline_parallel import schedules
 
 from megamor import parallel
 from megamor.config import load_config
-from megamor.trainer import Trainer
+from megamor.training.loop import Trainer
 
 CLOCK = {"cpu": 0.0, "wall": 0.0, "schedule": 0.0}
 CALLS: list[float] = []  # CPU seconds of every compute call, in order
@@ -91,8 +91,8 @@ def main():
     if dist.get_rank() == 0:
         stages = sorted((r for r in everyone if r["tp_rank"] == 0 and r["dp_rank"] == 0),
                         key=lambda r: r["pp_rank"])
-        result = {"ranges": trainer.ranges, "vocab_size": trainer.vocab_size,
-                  "num_microbatches": trainer.num_microbatches, "stages": stages,
+        result = {"ranges": trainer.engine.ranges, "vocab_size": trainer.vocab_size,
+                  "num_microbatches": trainer.engine.num_microbatches, "stages": stages,
                   "layer_tokens": trainer.history[-1]["layer_tokens"]}
         with open(args.out, "w") as f:
             json.dump(result, f)

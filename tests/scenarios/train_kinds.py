@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from megamor import parallel
 from megamor.config import load_config
-from megamor.trainer import Trainer
+from megamor.training.loop import Trainer
 
 KINDS = {
     "vanilla": ["model.arch=vanilla"],
@@ -35,7 +35,7 @@ KINDS = {
 def shared_copies_identical(trainer) -> dict:
     """Every (unique layer, param, tp rank) must be bit-identical on every stage holding it;
     tied embedding/output copies too."""
-    dims, stage = trainer.dims, trainer.stage
+    dims, stage = trainer.dims, trainer.engine.stage
     mine = {}
     for u, layer in stage.layers.items():
         for name, p in layer.named_parameters():
@@ -72,10 +72,10 @@ def main():
         cfg.run.output_dir = f"{cfg.run.output_dir}/{kind}"  # one run (checkpoint lineage) each
         trainer = Trainer(cfg)
         hist = trainer.train()
-        stage_tokens = [sum(hist[-1]["layer_tokens"][a:b]) for a, b in trainer.ranges]
+        stage_tokens = [sum(hist[-1]["layer_tokens"][a:b]) for a, b in trainer.engine.ranges]
         results[kind] = {
-            "history": hist, "ranges": trainer.ranges, "stage_tokens": stage_tokens,
-            "layer_costs": [l.cost for l in trainer.plan.layers],
+            "history": hist, "ranges": trainer.engine.ranges, "stage_tokens": stage_tokens,
+            "layer_costs": [l.cost for l in trainer.engine.plan.layers],
             "shared": shared_copies_identical(trainer),
             "dp": trainer.dims.dp,
         }

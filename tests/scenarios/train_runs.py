@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from megamor import parallel
 from megamor.config import load_config
-from megamor.trainer import Trainer
+from megamor.training.loop import Trainer
 
 
 def main():

@@ -1,0 +1,180 @@
+"""The megatron engine (`parallel.engine=megatron`, the default): megatron's DDP (fp32 gradient
+buffer), its optimizer (distributed over data parallel by default) and its forward/backward
+schedules (1F1B when pp > 1).
+
+One step: the schedule calls `_forward_step` per micro-batch -> grad finalisation
+(`_finalize_grads`: shared-layer copies summed over the stages holding them, then megatron's
+data-parallel reduction) -> one all-reduce deciding whether any rank saw a NaN or an infinity
+(megamor/step_health.py; such a step is not applied) -> clip + AdamW step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megamor import parallel
+from megamor.engines.base import Engine, RouterStats, StepResult
+from megamor.step_health import local_nonfinite, nonfinite_anywhere
+
+OPTIMIZER_FORMAT = {
+    # The only format that reshards over TP and PP; the memory-efficient variant avoids a path
+    # that allocates on the CUDA device.
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "distrib_optim_fully_reshardable_mem_efficient": True,
+}
+
+
+class MegatronEngine(Engine):
+    name = "megatron"
+
+    # ------------------------------------------------------------------ build
+
+    def build(self, init_weights=None) -> None:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        from megamor.precision import wrap_for_precision
+        from megamor.shims import install_optimizer_fixes
+
+        cfg, dtype = self.cfg, self.ctx.dtype
+        stage = self.build_stage()
+        wrapped = wrap_for_precision(self.tcfg, stage)  # bf16: Float16Module, fp32 routers
+        self.model = self.wrap_data_parallel(wrapped)
+        t = cfg.train
+        ocfg = OptimizerConfig(
+            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad, bf16=dtype == torch.bfloat16,
+            params_dtype=dtype, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+        install_optimizer_fixes()
+        self.optimizer = get_megatron_optimizer(ocfg, [self.model])
+        # The tied embedding's gradient is summed with the other shared copies
+        # (parallel.allreduce_shared_grads); megatron's own embedding all-reduce is switched off
+        # by giving its grad finaliser an embedding group of one rank.
+        self._finalize_groups = ProcessGroupCollection.use_mpu_process_groups()
+        if self.dims.pp > 1:
+            self._finalize_groups.embd, _ = dist.new_subgroups(group_size=1)
+        self.tcfg.no_sync_func = self.model.no_sync
+        self.tcfg.finalize_model_grads_func = self._finalize_grads
+        self.tcfg.grad_scale_func = self.optimizer.scale_loss if dtype != torch.float32 else None
+        if init_weights is not None:
+            init_weights(stage)
+            self.reload_weights()
+
+    def wrap_data_parallel(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The one place data parallelism is configured: megatron's DDP with an fp32 gradient
+        buffer (reduce-scattered for the distributed optimizer), reduced after the last
+        micro-batch (no overlap with backward)."""
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer)
+        return DistributedDataParallel(self.tcfg, ddp_cfg, module)
+
+    def reload_weights(self) -> None:
+        """After `checkpoint.init_from` wrote the stage's weights: the optimizer's main (fp32)
+        copies follow them."""
+        self.optimizer.reload_model_params()
+
+    def _finalize_grads(self, model_list, num_tokens=None, pg_collection=None,
+                        force_all_reduce=False):
+        from megatron.core.distributed import finalize_model_grads
+        self.ctx.progress.enter("grad_sync", self._step)
+        parallel.allreduce_shared_grads(self.model, self.dims)
+        return finalize_model_grads(model_list, num_tokens, pg_collection=self._finalize_groups,
+                                    force_all_reduce=force_all_reduce)
+
+    # ------------------------------------------------------------------ one step
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch["tokens"].to(self.device) if self.dims.first_stage else None
+        labels = batch["labels"].to(self.device) if self.dims.last_stage else None
+        output = model(input_ids=tokens, labels=labels)
+        return output, self._loss
+
+    @staticmethod
+    def _loss(per_token: torch.Tensor):
+        loss = per_token.float().mean()
+        # clone: the schedule divides the returned loss in place by the number of micro-batches
+        return loss, {"lm_loss": loss.detach().clone()}
+
+    def _adjust_shapes(self):
+        """Pipeline sends carry the stage's wire tensor ([s, b, channels]), not [s, b, h]."""
+        if self.dims.pp == 1:
+            return None
+        wire = self.stage.wire_channels
+
+        def adjust(recv, send):
+            return [(s[0], s[1], wire) for s in recv], [(s[0], s[1], wire) for s in send]
+        return adjust
+
+    def train_step(self, batches, step: int) -> StepResult:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        cfg = self.cfg
+        self._step = step
+        self.begin_step()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.ctx.progress.enter("forward_backward", step)
+        losses = get_forward_backward_func()(
+            forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.model],
+            num_microbatches=self.num_microbatches, seq_length=cfg.model.seq_length,
+            micro_batch_size=cfg.train.micro_batch_size, forward_only=False,
+            adjust_tensor_shapes_fn=self._adjust_shapes())
+        self.ctx.progress.enter("optimizer", step)
+        lm = [l["lm_loss"] for l in losses]
+        # A NaN or infinity in any rank's loss or gradients: no update (megamor/step_health.py).
+        skipped = nonfinite_anywhere(local_nonfinite(lm, self._grad_tensors()), self.device)
+        if skipped:
+            ok, grad_norm = False, float("nan")
+        else:
+            ok, grad_norm, _ = self.optimizer.step()
+        return StepResult(lm, grad_norm, skipped, bool(ok), RouterStats.of(self.stage))
+
+    def _grad_tensors(self) -> list:
+        """This rank's gradients, reduced: DDP's contiguous buffers (one tensor each)."""
+        buffers = getattr(self.model, "buffers", None)
+        if isinstance(buffers, list):
+            return [b.grad_data for b in buffers + list(getattr(self.model,
+                                                                "expert_parallel_buffers", []))]
+        return [getattr(p, "main_grad", p.grad) for p in self.model.parameters()]
+
+    def forward_only(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None) -> list:
+        """Through megatron's schedule, which also marks the first micro-batch (FP8 weight casts
+        are refreshed). Without `labels` the logits are kept (and dropped)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        dims = self.dims
+
+        def forward_step(data_iterator, model):
+            next(data_iterator)
+            if labels is None:
+                return model(input_ids=tokens if dims.first_stage else None), None  # logits
+            return model(input_ids=tokens if dims.first_stage else None,
+                         labels=labels if dims.last_stage else None), self._loss
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([None]), model=[self.model],
+            num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
+            forward_only=True, adjust_tensor_shapes_fn=self._adjust_shapes())
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def sharded_state_dict(self, is_loading: bool) -> dict:
+        model_sd = self.stage.sharded_state_dict()
+        if self.cfg.parallel.use_distributed_optimizer:
+            opt_sd = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                       metadata=dict(OPTIMIZER_FORMAT))
+        else:
+            opt_sd = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        return {"model": model_sd, "optimizer": opt_sd}
+
+    def load(self, path: Path, meta: dict, read_shards) -> None:
+        loaded = read_shards(self.sharded_state_dict(is_loading=True))
+        self.stage.load_state_dict(loaded["model"], strict=True)
+        self.optimizer.load_state_dict(loaded["optimizer"])
