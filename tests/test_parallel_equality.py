@@ -45,6 +45,8 @@ def assert_same_training(ref: dict, got: dict, kinds, rel=2e-5):
                     assert hg[key] == pytest.approx(v, rel=1e-4, abs=1e-6), (kind, step, key)
             # Same tokens through every unrolled layer, whatever the layout.
             assert hg["layer_tokens"] == hr["layer_tokens"], (kind, step)
+        # Inference routing (a depth map's forward) decides the same depth for every token.
+        assert g["depths"] == r["depths"], (kind, g["depths"], r["depths"])
         assert g["shared"]["mismatched"] == [], (kind, g["shared"])
 
 

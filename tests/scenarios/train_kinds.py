@@ -124,12 +124,16 @@ def main():
         trainer = Trainer(cfg)
         layouts = record_layouts(trainer)
         hist = trainer.train()
+        # Inference (threshold) routing of a 21-token sample through the layout (padded to the
+        # FP8 / sequence-parallel multiple inside): depth per token, on rank 0.
+        depths = trainer.routing_depths(trainer.depth_map_ids[:21]) if trainer.stage.routed else None
         stage_tokens = [sum(hist[-1]["layer_tokens"][a:b]) for a, b in trainer.ranges]
         results[kind] = {
             "history": hist, "ranges": trainer.ranges, "stage_tokens": stage_tokens,
             "layer_costs": [l.cost for l in trainer.plan.layers],
             "shared": shared_copies_identical(trainer),
             "dp": trainer.dims.dp,
+            "depths": depths,
             **layouts(),
             "wall_s": time.perf_counter() - t0,  # build + train + final save (for the record)
         }
