@@ -522,13 +522,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             "model.kv_sharing with parallel.pipeline_model_parallel_size > 1 is not supported: "
             "step 1's K/V would have to cross stages; use pipeline_model_parallel_size=1"
         )
-    if p.sequence_parallel and tp == 1:
-        raise ConfigError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
-    if p.sequence_parallel and m.arch == "mor":
-        raise ConfigError(
-            "parallel.sequence_parallel is not supported with arch=mor yet (routing needs the "
-            "whole sequence on every tensor-parallel rank); set it to false"
-        )
+    if p.sequence_parallel:
+        _validate_sequence_parallel(m, t, tp)
     _validate_engine(cfg)
     if world_size is not None:
         if world_size % (tp * pp):
@@ -642,6 +637,24 @@ def _validate_engine(cfg: Config) -> None:
                           "saves its engine state synchronously); set it to false")
     if p.deepspeed_config is not None and not Path(p.deepspeed_config).is_file():
         raise ConfigError(f"parallel.deepspeed_config={p.deepspeed_config}: no such file")
+
+
+def _validate_sequence_parallel(m: ModelConfig, t: TrainConfig, tp: int) -> None:
+    """Every tensor-parallel rank holds seq_length / tp positions between layers (megatron's
+    sequence-parallel layout); under FP8 each rank's rows of a full-length layer are FP8 GEMM
+    rows (Transformer Engine casts them before its all-gather)."""
+    if tp == 1:
+        raise ConfigError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
+    if m.seq_length % tp:
+        raise ConfigError(
+            f"parallel.sequence_parallel: model.seq_length={m.seq_length} is not divisible by "
+            f"parallel.tensor_model_parallel_size={tp} (each rank holds an equal slice)")
+    rows = m.seq_length // tp * t.micro_batch_size
+    if t.precision == "fp8" and rows % 16:
+        raise ConfigError(
+            f"train.precision=fp8 with parallel.sequence_parallel: model.seq_length / "
+            f"tensor_model_parallel_size x train.micro_batch_size = {rows} tokens per rank of a "
+            f"full-length GEMM must be a multiple of 16 (FP8 GEMMs); change either")
 
 
 def _validate_kernels(m: ModelConfig, t: TrainConfig) -> None:

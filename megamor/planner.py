@@ -21,8 +21,10 @@ Memory per GPU (the fullest pipeline stage):
   none / selective / full), times the micro-batches in flight on the stage under 1F1B
   (min(m, P - p) on stage p), plus the loss's fp32 softmax and its gradient on the last stage.
 Step time: each stage's FLOPs (`megamor.flops.pipeline_costs`, the FLOPs model the trainer's MFU
-uses) at an assumed achievable fraction of peak, plus its tensor-parallel all-reduces and
-pipeline send/receive per micro-batch; the 1F1B pipeline sum(c_p) + (m - 1) max(c_p); then the
+uses) at an assumed achievable fraction of peak, plus its tensor-parallel all-reduces (under
+sequence parallelism the same volume as all-gathers and reduce-scatters, plus a routed model's
+exchange of each step's token set) and pipeline send/receive per micro-batch (s / tp rows per
+rank under sequence parallelism); the 1F1B pipeline sum(c_p) + (m - 1) max(c_p); then the
 data-parallel gradient reduce-scatter + parameter all-gather and the all-reduce of shared-layer
 copies across stages (the trainer does not overlap them with compute), and the optimizer step
 (memory bound). Bandwidths are per GPU; a group is intra-node when its ranks share a node
@@ -250,10 +252,11 @@ def activation_bytes(cfg: Config, plan, ranges, stage: int, mbs: int, seq: int, 
         for step in {l.step for l in plan.layers[a:b] if l.step >= 1}:
             k = min(tokens[l.index] for l in plan.layers if l.step == step)
             saved += (seq * mbs + 2 * k) * h * act / (tp if sp else 1)
+    shard = tp if sp else 1  # sequence parallelism: each rank holds s / tp positions
     if stage == 0:
-        saved += seq * mbs * h * act  # embedding output
+        saved += seq * mbs * h * act / shard  # embedding output
     if stage == len(ranges) - 1:
-        saved += seq * mbs * (vocab / tp * 4 * 2 + h * act)  # softmax + its gradient, norm output
+        saved += seq * mbs * (vocab / tp * 4 * 2 + h * act / shard)  # softmax + its gradient, norm output
     return saved
 
 
@@ -319,9 +322,16 @@ def predict(cfg: Config, layout: Layout, seq: int, gbs: int, cluster: Cluster,
         if tp > 1:  # 2 all-reduces forward + 2 backward per layer (4 with sequence parallel split)
             elems = sum(layer_tokens[a:b]) * mbs * m.hidden_size
             tp_comm = 4 * 2 * (tp - 1) / tp * elems * act / tp_bw
+            if layout.sequence_parallel and m.arch == "mor":
+                # Each routed step's set exchange: reduce-scatter at the gather, all-gather at
+                # the scatter, mirrored in backward (router scores: one scalar per token, omitted).
+                steps = {l.step for l in plan.layers[a:b] if l.step >= 1}
+                k = sum(min(layer_tokens[l.index] for l in plan.layers if l.step == st) for st in steps)
+                tp_comm += 4 * (tp - 1) / tp * k * mbs * m.hidden_size * act / tp_bw
         p2p = 0.0
         if pp > 1:
             wire = 2 * m.hidden_size + 2 if m.arch == "mor" else m.hidden_size
+            wire /= tp if layout.sequence_parallel else 1  # each rank sends its s / tp rows
             p2p = 2 * seq * mbs * wire * act / pp_bw * (1 if 0 < p < pp - 1 else 0.5)
         stage_time.append(compute + tp_comm + p2p)
     pipeline = sum(stage_time) + (num_micro - 1) * max(stage_time)
@@ -364,7 +374,7 @@ def candidates(cfg: Config, seq: int, gbs: int, cluster: Cluster, engines=ENGINE
         for pp in [p for p in range(1, cfg.model.num_layers + 1) if world % (tp * p) == 0]:
             dp = world // (tp * pp)
             for mbs in micro_batches:
-                for sp in ([False, True] if tp > 1 and cfg.model.arch != "mor" else [False]):
+                for sp in ([False, True] if tp > 1 else [False]):
                     trial = copy.deepcopy(cfg)
                     t = trial.train
                     t.micro_batch_size, t.global_batch_size = mbs, gbs

@@ -9,8 +9,10 @@
 # shared block. tp 2 inside a node (NVLink) halves the parameters per rank, and with them the
 # data-parallel gradient sync the trainer does not overlap: 0.193 s predicted per step against
 # 0.238 s at tp 1; tp 4 is within 1% (the planner's first) with half-size GEMM shards. tp 2 does
-# not halve activations (no sequence parallelism with MoR: the norms' 4h per token stay whole;
-# 0.6x). Micro-batch 4: the planner's step time does not depend on it; it fits with 6x headroom.
+# not halve activations (the norms' 4h per token stay whole: 0.6x); sequence parallelism would
+# split them too (parallel.sequence_parallel=true: 8.5 -> 7.3 GiB) but is off: memory does not
+# bind here (docs/cluster.md). Micro-batch 4: the planner's step time does not depend on it; it
+# fits with 6x headroom.
 # FP8: hidden 2048 / ffn 8192 GEMMs gain most from FP8 tensor cores; fp32 master weights.
 # Every #SBATCH line can be overridden on the sbatch command line (or by slurm/submit.sh from
 # MEGAMOR_NODES, MEGAMOR_PARTITION, MEGAMOR_TIME, ...); everything below from MEGAMOR_* variables

@@ -36,9 +36,11 @@ def run_ranks(nproc: int, script: str, args: list[str], timeout: int = 600, env=
     return proc
 
 
-def run_kinds(tmp_path, builtin_root, nproc: int, kinds: list[str], overrides: list[str]) -> dict:
+def run_kinds(tmp_path, builtin_root, nproc: int, kinds: list[str], overrides: list[str],
+              flags: tuple = ()) -> dict:
+    """tests/scenarios/train_kinds.py over `nproc` ranks (`flags`: its options, e.g. --guard)."""
     out = tmp_path / f"result-{nproc}-{abs(hash((tuple(kinds), tuple(overrides))))}.json"
-    run_ranks(nproc, "train_kinds.py", ["--out", str(out), "--kinds", ",".join(kinds),
+    run_ranks(nproc, "train_kinds.py", ["--out", str(out), "--kinds", ",".join(kinds), *flags,
                                         f"data.builtin_root={builtin_root}",
                                         f"run.output_dir={tmp_path / 'run'}", *overrides])
     return json.loads(out.read_text())

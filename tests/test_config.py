@@ -73,6 +73,17 @@ def test_kv_sharing_rules():
     assert "capacity[0] == 1" in err("model.kv_sharing=true", "routing.capacity=[0.9,0.5,0.2]")
 
 
+def test_sequence_parallel_rules():
+    tp2 = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
+    for kind in (["model.arch=vanilla"], ["model.arch=recursive"], ["model.arch=mor"],
+                 ["model.arch=mor", "routing.type=token_choice"],
+                 ["model.arch=mor", "model.kv_sharing=true"]):
+        assert load_config(None, [*kind, *tp2]).validate(2).parallel.sequence_parallel
+    assert "needs tensor_model_parallel_size > 1" in err("parallel.sequence_parallel=true")
+    assert "model.seq_length=63 is not divisible" in err("model.seq_length=63", *tp2)
+    assert "parallel.engine=megatron" in err("parallel.engine=deepspeed", *tp2)
+
+
 def test_cli_reports_config_errors_before_starting_ranks():
     proc = subprocess.run([sys.executable, "-m", "megamor.cli", "pretrain", "--nproc", "3",
                            "parallel.tensor_model_parallel_size=2"], capture_output=True, text=True)

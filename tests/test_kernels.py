@@ -20,7 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megamor.config import ConfigError, load_config
 from megamor.model.attention import SDPAttention, packed_causal_mask
 from megamor.model.routing import ActiveSet
-from megamor.model.specs import stage_spec
+from megamor.model.specs import TorchRMSNorm, stage_spec
 from single_process import BATCH, SEQ, make_model, tokens, world_of_one  # noqa: F401 (fixture)
 
 # ----------------------------------------------------------------------------- the spec tree
@@ -52,7 +52,9 @@ def test_local_and_te_build_the_same_tree_from_their_providers():
     assert tl.mlp.submodules.linear_fc1 is mte.TELayerNormColumnParallelLinear
     assert tl.self_attention.submodules.core_attention is mte.TEDotProductAttention
     assert tl.self_attention.submodules.linear_proj is mte.TERowParallelLinear
-    assert local.submodules.final_layernorm.__name__ in ("WrappedTorchNorm", "FusedLayerNorm")
+    # Local: torch's RMSNorm (megatron's WrappedTorchNorm, which refuses sequence parallelism;
+    # megamor's TorchRMSNorm builds it, and the flagged norm under SP).
+    assert local.submodules.final_layernorm is TorchRMSNorm
     assert ll.input_layernorm is local.submodules.final_layernorm
     assert ll.self_attention.submodules.core_attention is SDPAttention
     # One checkpoint format: the local norms are saved under TE's fused names.
@@ -294,3 +296,110 @@ def test_recompute_gives_the_same_gradients_and_really_recomputes(mode):
         assert layer_calls == 16 and attn_calls == 16  # every layer ran again in backward
     else:
         assert layer_calls == 8 and attn_calls == 16  # only core attention ran again
+
+
+# ----------------------------------------------------------------------------- sequence parallelism
+# What a GPU run under sequence parallelism asks of its layers and collectives, pinned here; the
+# multi-rank equality with one process (and the collectives each call site makes, under the
+# collective guard) is tests/test_parallel_equality.py.
+
+
+def _sp_mask(kind: str, s: int, b: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    if kind == "expert":  # k per sequence, equal counts (odd: 21 of 64 needs a padding row at tp 2)
+        score = torch.rand(s, b, generator=g)
+        top = score.topk(21, dim=0).indices
+        return torch.zeros(s, b, dtype=torch.bool).scatter_(0, top, True)
+    return torch.rand(s, b, generator=g) < torch.tensor([0.9, 0.3, 0.55])[:b]  # variable counts
+
+
+@pytest.mark.parametrize("kind,packed,multiple", [
+    ("expert", False, 1), ("expert", False, 16), ("token", False, 1), ("token", False, 16),
+    ("token", True, 1), ("token", True, 16)])
+def test_sequence_parallel_sets_are_the_whole_set_sharded(monkeypatch, kind, packed, multiple):
+    """Each tensor-parallel rank's share of a gathered set is a slice of the set that one process
+    gathers (plus padding rows after every sequence's tokens, zero, never scattered): k (or t)
+    padded to a multiple of tp, each rank's rows to the FP8 multiple; scattering back writes each
+    rank's own positions exactly as one process does. The collectives are emulated: the
+    reduce-scatter sums the ranks' contributions (`own_set`), the all-gather returns the set."""
+    from megatron.core import tensor_parallel
+    from megamor.model.routing import SequenceShards
+
+    tp, s, b, h = 2, 64, 3, 5
+    mask = _sp_mask(kind, s, b)
+    x, z = torch.randn(s, b, h), torch.randn(s, b, h)
+    one = ActiveSet(mask, multiple, packed)
+    ranks = [ActiveSet(mask, multiple, packed, SequenceShards(size=tp, rank=r)) for r in range(tp)]
+    n = s // tp
+    whole = sum(a.own_set(x[r * n:(r + 1) * n]) for r, a in enumerate(ranks))  # reduce-scatter
+    a0 = ranks[0]
+    assert a0.rows % tp == 0 and a0.shard_rows == a0.rows // tp
+    assert a0.shard_rows % multiple == 0, a0.shard_rows  # rows a GEMM sees before its gather
+    assert all(torch.equal(a.idx, a0.idx) for a in ranks)  # every rank sees the same set
+    # The real tokens' rows equal one process's gather, in the same order; padding rows are zero.
+    valid, one_valid = a0.valid.flatten(), one.valid.flatten()
+    assert torch.equal(whole.reshape(-1, h)[valid], one.set_rows(one.gather(x)))
+    assert whole.reshape(-1, h)[~valid].abs().sum() == 0
+    assert torch.equal(a0.positions().flatten()[valid], one.positions().flatten()[one_valid])
+    # Scatter back: every rank writes the set's rows of its own positions (the all-gather of
+    # the set shards returns the whole set).
+    y_whole = sum(a.own_set(z[r * n:(r + 1) * n]) for r, a in enumerate(ranks))
+    monkeypatch.setattr(tensor_parallel, "gather_from_sequence_parallel_region",
+                        lambda y, **kw: y_whole)
+    base = torch.randn(s, b, h)
+    out = torch.cat([a.scatter(base[r * n:(r + 1) * n], y_whole.chunk(tp)[r])
+                     for r, a in enumerate(ranks)])
+    assert torch.equal(out, one.scatter(base, one.gather(z)))
+    assert sum(a.own_rows(base[r * n:(r + 1) * n]).shape[0] for r, a in enumerate(ranks)) == one.num_tokens
+
+
+def test_sequence_parallel_row_multiples():
+    """FP8 + SP: a gathered set's rows per rank (k/tp x b) are a multiple of 16 (32 under
+    MXFP8), and a full-length sample of any length is padded to tp x that (depth maps); full
+    -length training rows per rank are validated at start-up."""
+    from types import SimpleNamespace
+
+    from megamor.model.mor_model import fp8_padded, sequence_multiple
+    from megamor.model.routing import _sharded_rows
+
+    assert _sharded_rows(21, 3, 16, 2) == 32  # 16 rows x 3 per rank = 48, a multiple of 16
+    assert _sharded_rows(21, 4, 16, 2) == 24  # 12 x 4 = 48
+    assert _sharded_rows(21, 1, 1, 2) == 22 and _sharded_rows(21, 1, 1, 1) == 21
+    cfg = lambda **kw: SimpleNamespace(**{"fp8": "hybrid", "fp8_recipe": "tensorwise",  # noqa: E731
+                                          "sequence_parallel": True, "tensor_model_parallel_size": 2, **kw})
+    assert sequence_multiple(cfg()) == 32
+    assert sequence_multiple(cfg(fp8_recipe="mxfp8")) == 64
+    assert sequence_multiple(cfg(fp8=None)) == 2
+    assert sequence_multiple(cfg(sequence_parallel=False)) == 16
+    assert len(fp8_padded(list(range(40)), cfg())) == 64
+    with pytest.raises(ConfigError, match="seq_length / tensor_model_parallel_size x train.micro_batch_size = 24"):
+        load_config(None, ["train.precision=fp8", "model.seq_length=48", "train.micro_batch_size=1",
+                           "parallel.tensor_model_parallel_size=2",
+                           "parallel.sequence_parallel=true"]).validate(2)
+
+
+def test_sequence_parallel_flags_router_and_norm_weights():
+    """Under SP each tensor-parallel rank's router and norm copies see its tokens only: their
+    weights carry megatron's `sequence_parallel` flag, whose gradients finalize_model_grads sums
+    over tensor parallel (TE's norms flag themselves; the local norm is megamor's TorchRMSNorm,
+    since megatron's WrappedTorchNorm refuses SP). Built at TP 1 (the flags come from the
+    config; SP over one rank is the identity, so the model computes what it does without SP)."""
+    from megamor.model import build_stage, transformer_config
+    from megamor.model.routing import WHOLE
+
+    for router in ("expert_choice", "token_choice"):
+        cfg = load_config(None, ["model.preset=tiny", f"model.seq_length={SEQ}", "model.arch=mor",
+                                 f"routing.type={router}", "model.backend=local"]).validate(1)
+        tcfg = transformer_config(cfg, torch.float32)
+        tcfg.sequence_parallel = True  # megatron's config refuses it at TP 1; the flags are ours
+        model = build_stage(cfg, tcfg, 256, 0, seed=7)
+        assert model.shards is WHOLE  # one tensor-parallel rank: nothing to shard
+        flagged = {n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", False)}
+        norms = {n for n, p in model.named_parameters() if "layernorm" in n or "final_norm" in n}
+        routers = {n for n, _ in model.named_parameters() if n.startswith("routers.")}
+        assert routers and norms and flagged == routers | norms, sorted(flagged ^ (routers | norms))
+        plain = make_model("model.arch=mor", f"routing.type={router}")
+        assert not any(getattr(p, "sequence_parallel", False) for p in plain.parameters())
+        l1, g1 = _loss_and_grads(plain)
+        l2, g2 = _loss_and_grads(model)
+        assert l1 == pytest.approx(l2, abs=1e-6)

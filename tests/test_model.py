@@ -120,7 +120,7 @@ def test_token_choice_processes_each_token_up_to_its_depth():
     model(input_ids=tokens(), labels=tokens(1))
     depth = seen[0][2]
     for step, _, _, idx in seen:
-        tok = model._active_set(type("S", (), {"active": depth})(), step)
+        tok = model._active_set(depth, step)
         assert tok.num_tokens == int((depth >= step).sum())
     counts = model.token_counts
     plan = model.plan

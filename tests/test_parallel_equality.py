@@ -3,7 +3,8 @@
 Each scenario launches its gloo ranks once and trains several model kinds in that launch; the
 single-process reference uses micro-batches of micro_batch_size x dp, which is what all data
 parallel ranks see together at each micro-step (the sampler guarantees it), so router statistics
-that are global over data-parallel ranks are compared with the same numbers.
+that are global over data-parallel ranks are compared with the same numbers. A kind `K+sp` is K
+with sequence parallelism (compared with K's single-process run).
 """
 
 import math
@@ -17,6 +18,10 @@ pytestmark = pytest.mark.slow  # 4- and 8-rank training against a single-process
 STEPS = ["train.train_steps=3", "train.global_batch_size=8"]
 MAIN_KINDS = ["vanilla", "recursive", "mor_ec", "mor_tc"]
 EXTRA_KINDS = ["mor_ec_kvshare", "mor_ec_auxrouter", "mor_tc_free", "recursive_seq"]
+# Sequence parallelism, added to existing launches: TP 2 x DP 2, and TP 2 x PP 2 with the cut
+# inside a recursion step.
+SP_KINDS = ["vanilla+sp", "mor_ec+sp", "mor_ec_kvshare+sp"]
+SP_PP_KINDS = ["mor_tc+sp"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +33,7 @@ def reference(tmp_path_factory, builtin_root):
 
 def assert_same_training(ref: dict, got: dict, kinds, rel=2e-5):
     for kind in kinds:
-        r, g = ref[kind], got[kind]
+        r, g = ref[kind.partition("+")[0]], got[kind]
         for hr, hg in zip(r["history"], g["history"], strict=True):
             step = hr["step"]
             assert hg["loss"] == pytest.approx(hr["loss"], rel=rel, abs=1e-6), (kind, step, "loss")
@@ -40,6 +45,8 @@ def assert_same_training(ref: dict, got: dict, kinds, rel=2e-5):
                     assert hg[key] == pytest.approx(v, rel=1e-4, abs=1e-6), (kind, step, key)
             # Same tokens through every unrolled layer, whatever the layout.
             assert hg["layer_tokens"] == hr["layer_tokens"], (kind, step)
+        # Inference routing (a depth map's forward) decides the same depth for every token.
+        assert g["depths"] == r["depths"], (kind, g["depths"], r["depths"])
         assert g["shared"]["mismatched"] == [], (kind, g["shared"])
 
 
@@ -61,17 +68,57 @@ def test_tp2_pp2_dp2_matches_single_process(reference, tmp_path, builtin_root):
 def test_tp2_x_pp2_cut_inside_a_recursion_step(reference, tmp_path, builtin_root):
     # pipeline_layers=[2, 6]: the stage boundary falls between the two layers of step 1, so the
     # routing state (active tokens, gates, step input) must cross it inside the wire tensor.
-    got = run_kinds(tmp_path, builtin_root, 4, MAIN_KINDS, STEPS + [
+    got = run_kinds(tmp_path, builtin_root, 4, MAIN_KINDS + SP_PP_KINDS, STEPS + [
         "train.micro_batch_size=4", "parallel.tensor_model_parallel_size=2",
         "parallel.pipeline_model_parallel_size=2", "parallel.pipeline_layers=[2,6]"])
-    assert_same_training(reference, got, MAIN_KINDS)
+    assert_same_training(reference, got, MAIN_KINDS + SP_PP_KINDS)
     assert got["mor_ec"]["ranges"] == [[0, 2], [2, 8]]
+    # Full-length wire [s, b, 2h + 2] without sequence parallelism, [s/tp, b, 2h + 2] with it
+    # (what megatron's p2p expects under SP), token-choice depths and gates included.
+    assert got["mor_tc"]["wire"] == [[64, 4, 130]]
+    assert got["mor_tc+sp"]["wire"] == [[32, 4, 130]]
+    rows = got["mor_tc+sp"]["layer_rows"]
+    assert rows[0] == rows[7] == 32 and all(r <= 32 for r in rows)
+
+
+def _sites(kind_result: dict) -> set:
+    """(function, megamor file[:function]) of every torch.distributed call a kind made on rank 0."""
+    out = set()
+    for call in kind_result["collectives"]:
+        fn, _, where = call.partition(" @ ")
+        out |= {(fn, where), (fn, where.split(":")[0])}
+    return out
 
 
 def test_tp2_dp2_kv_sharing_aux_router_loss_free_sequence(reference, tmp_path, builtin_root):
-    got = run_kinds(tmp_path, builtin_root, 4, EXTRA_KINDS, STEPS + [
-        "train.micro_batch_size=2", "parallel.tensor_model_parallel_size=2"])
-    assert_same_training(reference, got, EXTRA_KINDS)
+    got = run_kinds(tmp_path, builtin_root, 4, EXTRA_KINDS + SP_KINDS, STEPS + [
+        "train.micro_batch_size=2", "parallel.tensor_model_parallel_size=2"], flags=["--guard"])
+    assert_same_training(reference, got, EXTRA_KINDS + SP_KINDS)
+    # The whole launch ran under the collective guard: no tensor an NCCL group would reject.
+    for kind in EXTRA_KINDS + SP_KINDS:
+        assert got[kind]["violations"] == [], (kind, got[kind]["violations"])
+    # What a GPU run under sequence parallelism asks of its collectives: the layers all-gather
+    # and reduce-scatter (no all-reduce), routing all-gathers the scores / masks, reduce-scatters
+    # the gathered set into shards and all-gathers it back, sums router losses over the shards,
+    # and the norm and router gradients are all-reduced over tensor parallel after backward.
+    model = "megamor/model/mor_model.py"
+    layers_sp = {("all_gather_into_tensor", model), ("reduce_scatter_tensor", model)}
+    routing_sp = {("all_gather_into_tensor", "megamor/model/routing.py:full"),
+                  ("reduce_scatter_tensor", "megamor/model/routing.py:gather"),
+                  ("all_gather_into_tensor", "megamor/model/routing.py:set_rows"),
+                  ("all_reduce", "megamor/model/routing.py:total")}
+    grads_sp = {("all_reduce", "megamor/trainer.py:_finalize_grads")}
+    ec_sp, van_sp = _sites(got["mor_ec+sp"]), _sites(got["vanilla+sp"])
+    tp_only = _sites(got["mor_ec_auxrouter"])  # the same router at TP 2 without SP
+    assert layers_sp | routing_sp | grads_sp <= ec_sp, sorted(ec_sp)
+    assert layers_sp | grads_sp <= van_sp and not routing_sp & van_sp, sorted(van_sp)
+    assert ("all_reduce", model + ":fn") in tp_only and ("all_reduce", model + ":fn") not in ec_sp
+    assert not (layers_sp | routing_sp | grads_sp) & tp_only, sorted(tp_only)
+    # Sequence parallelism: every layer's input is this rank's share of its token set: s/tp of
+    # a full-length sequence, k_r/tp of a gathered set, k_3 = 21 padded to 22 (a multiple of tp).
+    assert got["vanilla+sp"]["layer_rows"] == [32] * 8
+    assert got["mor_ec+sp"]["layer_rows"] == [32, 32, 32, 21, 21, 11, 11, 32]
+    assert got["mor_ec_kvshare+sp"]["layer_rows"] == [32, 32, 32, 21, 21, 11, 11, 32]
     # Loss-free balancing moved its bias identically on every data-parallel replica (checked by
     # equal losses); and it did move: depth loads differ from the first step's.
     h = got["mor_tc_free"]["history"]

@@ -16,6 +16,10 @@ Batch flow through one stage (hidden states [s, b, h]):
 
 The wire tensor of a routed model is [s, b, 2h + 2] = [x | base | active | gate] so that a stage
 boundary may fall anywhere, even inside a recursion step (see docs/architecture.md).
+
+Under sequence parallelism every [s, b, ...] tensor above (hidden states, routing state, wire) is
+this tensor-parallel rank's slice [s/tp, b, ...]; routers decide on the whole sequence's scores
+and gathered sets are sharded over their own token dimension (`routing.SequenceShards`).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from megamor.config import ModelConfig, RoutingConfig
 from megamor.model import fp8
 from megamor.layout import Plan
 from megamor.model.attention import AttentionCall, Rotary
-from megamor.model.routing import ActiveSet, AttachAuxLoss, balancing_loss, z_loss
+from megamor.model.routing import WHOLE, ActiveSet, AttachAuxLoss, SequenceShards, balancing_loss, z_loss
 
 # Seed tags: every parameter set is initialised from its own seed, so a unique layer gets the
 # same weights on every stage that holds a copy, and every parallel layout starts from the
@@ -86,12 +90,21 @@ def fp8_row_multiple(config: TransformerConfig) -> int:
     return 32 if str(getattr(config.fp8_recipe, "value", config.fp8_recipe)) == "mxfp8" else 16
 
 
+def sequence_multiple(config: TransformerConfig) -> int:
+    """What a full-length sequence of a batch of one must be a multiple of: the FP8 GEMM rows
+    (`fp8_row_multiple`), per tensor-parallel rank under sequence parallelism (each rank holds
+    s / tp rows)."""
+    tp = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    return fp8_row_multiple(config) * tp
+
+
 def fp8_padded(ids: list[int], config: TransformerConfig, pad_id: int = 0) -> list[int]:
     """`ids` of one sequence padded at the end to the rows FP8 GEMMs need (a full-length layer
-    of a batch of one sees len(ids) rows): for forward passes of any length, such as depth
-    maps. Under threshold (inference) routing and causal attention the padding changes nothing
-    for the tokens before it."""
-    return list(ids) + [pad_id] * (-len(ids) % fp8_row_multiple(config))
+    of a batch of one sees len(ids) rows), and to equal sequence-parallel slices
+    (`sequence_multiple`): for forward passes of any length, such as depth maps. Under
+    threshold (inference) routing and causal attention the padding changes nothing for the
+    tokens before it."""
+    return list(ids) + [pad_id] * (-len(ids) % sequence_multiple(config))
 
 
 @contextlib.contextmanager
@@ -183,6 +196,9 @@ class MoRModel(LanguageModule):
         # what FP8 GEMMs need.
         self.packed_sets = packed_sets
         self.row_multiple = model_cfg.token_pad_multiple or fp8_row_multiple(config)
+        # Sequence parallelism: this rank's slice of the sequence (WHOLE without it).
+        sp = config.sequence_parallel and self.tp_group.size() > 1
+        self.shards = SequenceShards(self.tp_group) if sp else WHOLE
         self.recompute, self.recompute_unit = model_cfg.recompute, model_cfg.recompute_unit
         h = config.hidden_size
         self.wire_channels = 2 * h + 2 if self.routed else h
@@ -207,6 +223,12 @@ class MoRModel(LanguageModule):
                 elif l.step == 1:
                     with seeded(seed, _TAG_ROUTER):
                         self.routers["1"] = build_module(submodules.router, hidden_size=h)
+            # Replicated over tensor parallel but, under sequence parallelism, each copy sees its
+            # rank's tokens only: megatron's finalize_model_grads sums the gradients of
+            # parameters flagged `sequence_parallel` over tensor parallel (as its norms' and MoE
+            # router's).
+            for p in self.routers.parameters():
+                setattr(p, "sequence_parallel", config.sequence_parallel)
         if post_process:
             with seeded(seed, _TAG_FINAL_NORM):
                 self.final_norm = build_module(submodules.final_layernorm, config=config,
@@ -310,13 +332,18 @@ class MoRModel(LanguageModule):
         else:
             wire = self.input_tensor
             state = StageState.unpack(wire, h) if self.routed else StageState(wire, wire, None, None)
-        s, b = state.x.shape[0], state.x.shape[1]
+        # The whole sequence's length (this rank holds s / tp of it under sequence parallelism).
+        s, b = state.x.shape[0] * self.shards.size, state.x.shape[1]
         # RoPE cos/sin of the full sequence: once per forward, for every full-length layer.
         full_rope = Rotary(torch.arange(s, device=state.x.device), self.mcfg.head_dim,
                            self.mcfg.rotary_base)
         kv_store: dict = {}
         scope = self.recursion_scope if self._loop_span else None
-        with fp8.forward_context(self.config):  # delayed scaling: one FP8 context
+        # As megatron's TransformerBlock: under sequence parallelism the layers run in the
+        # tensor-parallel RNG stream (dropout of sharded activations differs per rank).
+        rng = (tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel
+               else contextlib.nullcontext())
+        with rng, fp8.forward_context(self.config):  # delayed scaling: one FP8 context
             state = self._run_segments(state, s, b, full_rope, kv_store, scope)
         for layer in self.layers.values():
             layer.self_attention.call = None
@@ -434,75 +461,90 @@ class MoRModel(LanguageModule):
         return AttentionCall(mask_type=mask_type, kv_mode=mode, slot=l.slot, store=store,
                              q_rotary=rotary, k_rotary=full_rotary if mode == "read" else rotary)
 
-    def _gather(self, state: StageState, step: int) -> None:
+    def _gather(self, state: StageState, step: int, active: Optional[Tensor] = None) -> None:
         """Gather step `step`'s active tokens, with the RoPE angles (and KV-sharing mask) its
-        layers share."""
-        tok = self._active_set(state, step)
+        layers share. `active`: the whole sequence's routing state when the caller has it
+        (else gathered from this rank's slice under sequence parallelism)."""
+        tok = self._active_set(state.active if active is None else active, step, active is not None)
         state.tokens, state.xg = tok, tok.gather(state.x)
         state.mask_to_full = tok.attention_mask_to_full() if self.kv_sharing else None
         state.rope = Rotary(tok.positions(), self.mcfg.head_dim, self.mcfg.rotary_base)
 
-    def _active_set(self, state: StageState, step: int) -> ActiveSet:
+    def _active_set(self, active: Tensor, step: int, whole: bool = False) -> ActiveSet:
+        if not whole:
+            active = self.shards.full(active)
         if self.rcfg.type == "expert_choice":
-            mask = state.active > 0.5
+            mask = active > 0.5
         else:
-            mask = state.active >= step - 0.5
+            mask = active >= step - 0.5
         # KV sharing reads step 1's keys in the padded layout (its mask relates queries to
         # positions); step 1 (all tokens) is dense either way.
         packed = self.packed_sets and not self.kv_sharing
-        return ActiveSet.from_mask(mask, self.row_multiple, packed)
+        return ActiveSet.from_mask(mask, self.row_multiple, packed, self.shards)
 
     def _begin_step(self, state: StageState, step: int) -> None:
-        x = state.x
+        """Route at the first layer of step `step` and gather its tokens. Decisions, statistics
+        and traces are the whole sequence's (identical on every tensor-parallel rank); the
+        routing state kept in `state` is this rank's rows."""
+        x, sh = state.x, self.shards
         if self.rcfg.type == "expert_choice":
             router = self.routers[str(step)]
-            reached = state.active > 0.5
-            selected, gate, aux, st = router.route(x, reached, self.capacities[step - 1], not self.training)
+            reached = sh.full(state.active) > 0.5
+            selected, gate, aux, st = router.route(x, reached, self.capacities[step - 1],
+                                                   not self.training, sh)
             for k, v in st.items():
                 self._stat(f"router/step{step}/{k}", v)
             self._count_positions(step, selected)
             x = self._attach(x, aux, self.rcfg.aux_loss_weight)
+            whole = selected.to(x.dtype)
+            mine = sh.local(whole)
             state.x = state.base = x
-            state.active = selected.to(x.dtype)
-            state.gate = (gate * selected).to(x.dtype)  # fp32 router, activations' dtype
+            state.active = mine
+            state.gate = (gate * mine).to(x.dtype)  # fp32 router, activations' dtype
         elif step == 1:
             router = self.routers["1"]
-            depth, gate, probs, logits, counts = router.route(x, self.rcfg.balancing == "loss_free")
+            depth, gate, probs, logits, counts = router.route(x, self.rcfg.balancing == "loss_free", sh)
             loss = x.new_zeros(())
             if self.rcfg.balancing == "loss":
-                bal = balancing_loss(probs, counts, self.mcfg.num_recursions, self.dp_group)
+                bal = balancing_loss(probs, counts, self.mcfg.num_recursions, self.dp_group, sh)
                 loss = loss + self.rcfg.balance_loss_weight * bal
                 self._stat("router/balance_loss", bal)
             if self.rcfg.z_loss_weight:
-                zl = z_loss(logits)
+                zl = z_loss(logits, sh)
                 loss = loss + self.rcfg.z_loss_weight * zl
                 self._stat("router/z_loss", zl)
             x = self._attach(x, loss, 1.0)
+            whole = sh.full(depth).to(x.dtype)
             for i in range(self.mcfg.num_recursions):
                 self._stat(f"router/depth{i + 1}/tokens", counts[i])
-                self._count_positions(i + 1, depth >= i + 1)  # step r runs depths >= r
+                self._count_positions(i + 1, whole >= i + 1)  # step r runs depths >= r
             state.x = state.base = x
             state.active = depth.to(x.dtype)
             state.gate = gate.to(x.dtype)  # fp32 router, activations' dtype
-        self._gather(state, step)
+        else:
+            whole = None  # token-choice, later steps: the depths decided at step 1
+        self._gather(state, step, whole)
         if self.trace_routing:
-            self.routing_trace[step] = state.active.detach().clone()
+            self.routing_trace[step] = (sh.full(state.active) if whole is None else whole).detach().clone()
 
     def _end_step(self, state: StageState, step: int) -> None:
-        tok, y = state.tokens, state.xg
-        g = tok.gather(state.gate.unsqueeze(-1))  # [k, b, 1]
-        base_g = tok.gather(state.base)
+        """Scatter the step's result back, row by row of the processed tokens (this rank's under
+        sequence parallelism)."""
+        tok = state.tokens
+        y = tok.set_rows(state.xg)  # [n, h]
+        g = tok.own_rows(state.gate.unsqueeze(-1))  # [n, 1]
+        base = tok.own_rows(state.base)
         if self.rcfg.type == "expert_choice":
             # H^{r+1} = H^r + g * f(H^r) for the selected tokens, H^r for the others.
-            state.x = tok.scatter(state.base, base_g + g * y)
+            state.x = tok.put(state.base, base + g * y)
             state.base = state.x
         else:
             # Token-choice: the exit step adds the gated output onto H^1; earlier steps carry
             # the ungated (or, with gate_every_step, gated) block output.
-            d = tok.gather(state.active.unsqueeze(-1))
+            d = tok.own_rows(state.active.unsqueeze(-1))
             cont = g * y if self.rcfg.gate_every_step else y
-            upd = torch.where((d - step).abs() < 0.5, base_g + g * y, cont)
-            state.x = tok.scatter(state.x, upd)
+            upd = torch.where((d - step).abs() < 0.5, base + g * y, cont)
+            state.x = tok.put(state.x, upd)
         state.tokens, state.xg = None, None
 
     # -------------------------------------------------------------- routing state updates

@@ -1,15 +1,88 @@
 """MoR routers and the gather/scatter of active tokens (MOR_SPEC.md sections 3 and 4).
 
-Tensors follow megatron's layout: hidden states are [s, b, h] (sequence first).
+Tensors follow megatron's layout: hidden states are [s, b, h] (sequence first). Under sequence
+parallelism (`SequenceShards`) every [s, b, ...] tensor between layers is this tensor-parallel
+rank's contiguous slice [s/tp, b, ...] of the sequence, as megatron's SP layers expect; routing
+decisions are taken on the whole sequence's scores (gathered, one scalar per token) and the
+gathered token sets are themselves sharded over their token dimension (docs/architecture.md,
+"Sequence parallelism with routing").
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+
+# ----------------------------------------------------------------------------- sequence shards
+
+
+class SequenceShards:
+    """This rank's part of the sequence under sequence parallelism, and the collectives over
+    the tensor-parallel group that routing needs.
+
+    megatron's layout: tensor-parallel rank i holds rows [i n, (i + 1) n) of every [s, b, ...]
+    tensor between layers, n = s / tp (its embedding scatters, its SP linears gather and
+    reduce-scatter along that first dimension). Without sequence parallelism (`WHOLE`, or a group
+    of one) there is one shard and every method is the identity, so the routing code is the same
+    for both.
+    - `full(t)`: the whole sequence of a per-token tensor, all-gathered along dim 0, outside
+      autograd (router scores for top-k, active masks, depths: decisions, not gradients);
+    - `local(t)`: this rank's rows of a whole-sequence tensor;
+    - `total(t)`: the sum over the shards, differentiable with an identity backward (megatron's
+      `reduce_from_tensor_model_parallel_region`): every rank then holds the whole-sequence
+      value of a router loss while backward sends each rank the gradient of its own tokens'
+      part; the router weights' gradients are summed over tensor parallel afterwards (their
+      `sequence_parallel` flag, as megatron's norms and MoE router), which completes the sum.
+    """
+
+    def __init__(self, group=None, size: int = 1, rank: int = 0):
+        """`group`: the tensor-parallel group (size and rank from it); `size` / `rank` alone
+        describe a layout without collectives (tests of the index arithmetic)."""
+        self.group = group
+        self.size = group.size() if group is not None else size
+        self.rank = group.rank() if group is not None else rank
+
+    @property
+    def on(self) -> bool:
+        return self.size > 1
+
+    def full(self, t: torch.Tensor) -> torch.Tensor:
+        """[s/tp, ...] -> [s, ...] (no gradient)."""
+        if not self.on:
+            return t
+        t = t.detach().contiguous()
+        out = t.new_empty((t.shape[0] * self.size,) + tuple(t.shape[1:]))
+        dist.all_gather_into_tensor(out, t, group=self.group)
+        return out
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        """[s, ...] -> this rank's [s/tp, ...]."""
+        if not self.on:
+            return t
+        n = t.shape[0] // self.size
+        return t[self.rank * n:(self.rank + 1) * n]
+
+    def total(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the shards (forward all-reduce, backward identity)."""
+        if not self.on:
+            return t
+        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+        return reduce_from_tensor_model_parallel_region(t.clone(), group=self.group)
+
+    def token_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Mean of t [s(/tp), b, ...] over the whole sequence's tokens (dims 0 and 1)."""
+        if not self.on:
+            return t.mean(dim=(0, 1))
+        return self.total(t.sum(dim=(0, 1))) / (t.shape[0] * t.shape[1] * self.size)
+
+
+WHOLE = SequenceShards()
 
 
 # ----------------------------------------------------------------------------- active tokens
@@ -29,23 +102,33 @@ class ActiveSet:
     `pad_multiple` > 1 pads the number of rows a GEMM sees (k * b, or t) to a multiple of it
     (FP8 GEMMs need 16): padding rows are computed and dropped at scatter, never seen by a real
     token, never counted. Everything a step needs more than once is computed here, once.
+
+    Under sequence parallelism (`shards.on`) `mask` is the whole sequence's, the tensors `gather`
+    takes and `scatter` / `put` write are this rank's sequence slice [s/tp, b, h], and the
+    gathered set is sharded over its own token dimension as megatron's SP layers expect:
+    [k/tp, b, h] (padded) or [t/tp, 1, h] (packed). So k (or t) is padded to a multiple of tp,
+    and `pad_multiple` applies to each rank's rows (k/tp * b, or t/tp), which TE's FP8 GEMMs see
+    before their all-gather; the padding rows come after every sequence's real tokens, as above.
     """
 
-    def __init__(self, mask: torch.Tensor, pad_multiple: int = 1, packed: bool = False):
-        """mask [s, b] bool: the step's active tokens."""
+    def __init__(self, mask: torch.Tensor, pad_multiple: int = 1, packed: bool = False,
+                 shards: SequenceShards = WHOLE):
+        """mask [s, b] bool: the step's active tokens (the whole sequence's)."""
         s, b = mask.shape
         counts = mask.sum(0)
         # One host sync per step: the gathered length (and the token count) are data dependent.
         k_max, total = torch.stack([counts.max(), counts.sum()]).tolist()
         self.seq_len, self.batch, self.packed = s, b, packed
+        self.shards = shards
         self.num_tokens = int(total)
         pos = torch.arange(s, device=mask.device).unsqueeze(1).expand(s, b)
         # Sort key: active tokens first, in position order; inactive after them.
         key = torch.where(mask, pos, pos + s)
         if packed:
             self._init_packed(key, counts, int(k_max), pad_multiple)
+            self._init_shards(torch.arange(self.num_tokens, device=mask.device))
             return
-        k = _round_rows(max(int(k_max), 1), b, pad_multiple)
+        k = _sharded_rows(max(int(k_max), 1), b, pad_multiple, shards.size)
         order = key.argsort(dim=0)[:k]  # [min(k, s), b]
         if order.shape[0] < k:  # padding beyond the sequence length (tiny s, FP8 multiple)
             order = torch.cat([order, order.new_zeros(k - order.shape[0], b)])
@@ -56,6 +139,21 @@ class ActiveSet:
         bidx = torch.arange(b, device=mask.device).unsqueeze(0).expand_as(self.idx)
         flat = self.idx * b + bidx
         self._flat = flat.flatten() if self.dense else flat[self.valid]
+        if shards.on:
+            rows = torch.arange(k * b, device=mask.device).view(k, b)
+            self._init_shards(rows.flatten() if self.dense else rows[self.valid])
+
+    def _init_shards(self, set_rows: torch.Tensor) -> None:
+        """Sequence parallelism: which real tokens lie in this rank's sequence slice, as rows of
+        the (flattened) whole set (`_own_rows`) and of the flattened slice [s/tp * b]
+        (`_own_src`). `set_rows`: each real token's row in the set, in `_flat`'s order."""
+        if not self.shards.on:
+            return
+        b, n = self.batch, self.seq_len // self.shards.size
+        lo = self.shards.rank * n * b
+        mine = (self._flat >= lo) & (self._flat < lo + n * b)
+        self._own_rows = set_rows[mine]
+        self._own_src = self._flat[mine] - lo
 
     def _init_packed(self, key: torch.Tensor, counts: torch.Tensor, k_max: int, multiple: int) -> None:
         from megatron.core.packed_seq_params import PackedSeqParams
@@ -67,7 +165,7 @@ class ActiveSet:
         positions = order[real]  # [t], grouped by sequence, in position order
         seqs = torch.arange(b, device=dev).unsqueeze(1).expand(b, s)[real]
         t = self.num_tokens
-        t_pad = _round_rows(max(t, 1), 1, multiple)
+        t_pad = _sharded_rows(max(t, 1), 1, multiple, self.shards.size)
         self._flat = positions * b + seqs
         self.idx = torch.cat([positions, positions.new_zeros(t_pad - t)])
         self.valid = torch.arange(t_pad, device=dev) < t
@@ -82,20 +180,35 @@ class ActiveSet:
             max_seqlen_q=longest, max_seqlen_kv=longest)
 
     @classmethod
-    def from_mask(cls, mask: torch.Tensor, pad_multiple: int = 1, packed: bool = False) -> "ActiveSet":
-        return cls(mask, pad_multiple, packed)
+    def from_mask(cls, mask: torch.Tensor, pad_multiple: int = 1, packed: bool = False,
+                  shards: SequenceShards = WHOLE) -> "ActiveSet":
+        return cls(mask, pad_multiple, packed, shards)
 
     @property
     def rows(self) -> int:
-        """Rows a GEMM of this step sees (real tokens plus padding)."""
+        """Rows of the whole set (real tokens plus padding): what a GEMM between a sequence-
+        parallel all-gather and reduce-scatter sees, and every GEMM without SP."""
         return self.idx.numel()
 
+    @property
+    def shard_rows(self) -> int:
+        """Rows of this rank's shard of the set (`rows` without sequence parallelism)."""
+        return self.rows // self.shards.size
+
     def positions(self) -> torch.Tensor:
-        """Original positions, shaped for `attention.Rotary`: [k, b] (padded) or [t, 1] (packed)."""
+        """Original positions of the whole set (megatron's SP linears gather it before attention
+        and RoPE), shaped for `attention.Rotary`: [k, b] (padded) or [t, 1] (packed)."""
         return self.idx.unsqueeze(1) if self.packed else self.idx
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """x [s, b, h] -> [k, b, h] (padded) or [t, 1, h] (packed)."""
+        """x [s, b, h] -> [k, b, h] (padded) or [t, 1, h] (packed); under sequence parallelism
+        x [s/tp, b, h] -> this rank's shard [k/tp, b, h] or [t/tp, 1, h] of the set."""
+        if self.shards.on:
+            from megatron.core.tensor_parallel import reduce_scatter_to_sequence_parallel_region
+            # Each rank writes the set rows of its own tokens into a zero set; the reduce-scatter
+            # sums the ranks' disjoint rows (exact) and leaves each rank its shard.
+            return reduce_scatter_to_sequence_parallel_region(self.own_set(x),
+                                                              group=self.shards.group)
         if self.packed:
             s, b, h = x.shape
             rows = x.reshape(s * b, h).index_select(0, self._flat)
@@ -105,14 +218,45 @@ class ActiveSet:
             return rows.unsqueeze(1)
         return x.gather(0, self.idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
-    def scatter(self, base: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Out-of-place: base [s, b, h] with the real tokens' rows replaced by y's."""
-        s, b, h = base.shape
+    def own_set(self, x: torch.Tensor) -> torch.Tensor:
+        """Sequence parallelism: the whole set [k, b, h] (or [t, 1, h]) holding the rows of the
+        tokens in this rank's slice x [s/tp, b, h], zeros elsewhere (the gather's contribution
+        before its reduce-scatter)."""
+        h = x.shape[-1]
+        rows = x.reshape(-1, h).index_select(0, self._own_src)
+        out = rows.new_zeros(self.rows, h).index_copy(0, self._own_rows, rows)
+        return out.view(*self.idx.shape, h) if not self.packed else out.unsqueeze(1)
+
+    def set_rows(self, y: torch.Tensor) -> torch.Tensor:
+        """The real tokens' rows [n, h] of a set-layout tensor y (this rank's shard under SP),
+        in `own_rows`' order; n: all real tokens, or under SP those in this rank's slice."""
+        h = y.shape[-1]
+        if self.shards.on:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+            # Backward reduce-scatters: each rank's rows feed only its own slice.
+            whole = gather_from_sequence_parallel_region(y, tensor_parallel_output_grad=True,
+                                                         group=self.shards.group)
+            return whole.reshape(-1, h).index_select(0, self._own_rows)
         if self.packed:
-            rows = y.reshape(-1, h)[: self.num_tokens]
-        else:
-            rows = y.reshape(-1, h) if self.dense else y[self.valid]
-        return base.reshape(s * b, h).index_copy(0, self._flat, rows).reshape(s, b, h)
+            return y.reshape(-1, h)[: self.num_tokens]
+        return y.reshape(-1, h) if self.dense else y[self.valid]
+
+    def own_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """The real tokens' rows [n, c] of a sequence-layout tensor t [s, b, c] ([s/tp, b, c]
+        under SP), in `set_rows`' order."""
+        return t.reshape(-1, t.shape[-1]).index_select(0, self._own_src if self.shards.on else self._flat)
+
+    def put(self, base: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Out-of-place: base [s, b, c] ([s/tp, b, c] under SP) with the real tokens' rows
+        replaced by `rows` [n, c] (`own_rows`' order)."""
+        c = base.shape[-1]
+        idx = self._own_src if self.shards.on else self._flat
+        return base.reshape(-1, c).index_copy(0, idx, rows).view(base.shape)
+
+    def scatter(self, base: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Out-of-place: base [s, b, h] with the real tokens' rows replaced by y's (set layout);
+        under SP base is this rank's slice and y its shard of the set."""
+        return self.put(base, self.set_rows(y))
 
     def attention_mask(self) -> torch.Tensor:
         """[b, 1, k, k] bool, True = masked: causal among the gathered tokens, padding masked.
@@ -136,6 +280,12 @@ def _round_rows(k: int, b: int, multiple: int) -> int:
         return k
     step = multiple // math.gcd(multiple, b)
     return -(-k // step) * step
+
+
+def _sharded_rows(k: int, b: int, multiple: int, shards: int) -> int:
+    """Smallest k' >= k that splits into `shards` equal shards each of whose k'/shards * b rows
+    is a multiple of `multiple` (`_round_rows` for one shard)."""
+    return shards * _round_rows(-(-k // shards), b, multiple)
 
 
 # ----------------------------------------------------------------------------- aux-loss plumbing
@@ -213,38 +363,42 @@ class ExpertChoiceRouter(Fp32Router):
         w = self.aux[0].weight
         return self.aux(x.detach().to(w.dtype)).squeeze(-1).float()
 
-    def route(self, x: torch.Tensor, reached: torch.Tensor, capacity: float, threshold: bool):
-        """x [s, b, h], reached [s, b] bool (survivors of the previous step).
+    def route(self, x: torch.Tensor, reached: torch.Tensor, capacity: float, threshold: bool,
+              shards: SequenceShards = WHOLE):
+        """x [s, b, h] ([s/tp, b, h] under sequence parallelism), reached [s, b] bool (survivors
+        of the previous step, the whole sequence).
 
-        Returns (selected [s, b] bool, gate [s, b] fp32, aux_loss scalar or None, stats dict).
+        Returns (selected [s, b] bool (whole sequence), gate [s, b] fp32 (x's rows), aux_loss
+        scalar or None, stats dict (whole-sequence values)).
         Training: top-k_r per sequence among `reached`, k_r = max(1, floor(c_r * s)).
         Inference (`threshold`): continue iff sigmoid(logit) >= 0.5 (or the aux router's),
         which looks at no future token; a step of capacity 1 keeps every reached token.
+        Under sequence parallelism the decisions are taken on the whole sequence's logits
+        (all-gathered: one scalar per token), identical on every tensor-parallel rank.
         """
-        s, b, _ = x.shape
+        s = x.shape[0] * shards.size
         logit = self.logits(x)
         gate = self.alpha * torch.sigmoid(logit)
         aux_logit = self._aux_logits(x) if self.aux is not None else None
         k = max(1, int(capacity * s))
         # Top-k ranks logits (sigmoid is monotonic); unreachable tokens can never win.
-        masked = logit.detach().masked_fill(~reached, float("-inf"))
+        whole = shards.full(logit.detach())
+        masked = whole.masked_fill(~reached, float("-inf"))
         top = masked.topk(k, dim=0).indices  # [k, b]
         topk_sel = torch.zeros_like(reached).scatter_(0, top, True) & reached
-        decide_logit = aux_logit if aux_logit is not None else logit
-        thresh_sel = reached & (torch.sigmoid(decide_logit.detach()) >= 0.5)
+        decide_logit = shards.full(aux_logit.detach()) if aux_logit is not None else whole
+        thresh_sel = reached & (torch.sigmoid(decide_logit) >= 0.5)
         if capacity >= 1.0:
             thresh_sel = reached.clone()
         selected = thresh_sel if threshold else topk_sel
-        # BCE between the raw logit and "was selected", over the tokens that reached this step.
-        target = topk_sel.to(logit.dtype)
+        # BCE between the raw logit and "was selected", over the tokens that reached this step
+        # (each rank's own tokens, summed over the shards).
+        target = shards.local(topk_sel).to(logit.dtype)
+        mine = shards.local(reached)
         n = reached.sum().clamp(min=1)
-        aux = None
-        if self.aux is None:
-            bce = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
-            aux = (bce * reached).sum() / n
-        else:
-            bce = F.binary_cross_entropy_with_logits(aux_logit, target, reduction="none")
-            aux = (bce * reached).sum() / n
+        bce = F.binary_cross_entropy_with_logits(logit if self.aux is None else aux_logit, target,
+                                                 reduction="none")
+        aux = shards.total((bce * mine).sum()) / n
         agree = ((thresh_sel == topk_sel) & reached).sum().float() / n
         stats = {"selected": selected.sum().detach().float(), "reached": reached.sum().detach().float(),
                  "aux_loss": aux.detach(), "sampling_acc": agree.detach()}
@@ -264,9 +418,10 @@ class TokenChoiceRouter(Fp32Router):
         self.register_buffer("bias", torch.zeros(num_recursions), persistent=True)
         self.register_buffer("load", torch.zeros(num_recursions), persistent=False)
 
-    def route(self, x: torch.Tensor, use_bias: bool, dp_group=None):
-        """x [s, b, h] -> depth [s, b] in 1..N_r, gate [s, b], probs [s, b, N_r], logits (all
-        fp32), counts [N_r]."""
+    def route(self, x: torch.Tensor, use_bias: bool, shards: SequenceShards = WHOLE):
+        """x [s, b, h] ([s/tp, b, h] under sequence parallelism) -> depth [s, b] in 1..N_r,
+        gate [s, b], probs [s, b, N_r], logits (all fp32, x's rows), counts [N_r] (the whole
+        sequence's: summed over the shards)."""
         self._fp32_buffers()
         logits = self._linear(x)  # [s, b, N_r]
         probs = torch.softmax(logits, dim=-1)
@@ -274,6 +429,8 @@ class TokenChoiceRouter(Fp32Router):
         choice = score.argmax(-1)  # [s, b]
         gate = self.alpha * probs.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
         counts = F.one_hot(choice, self.num_recursions).sum((0, 1)).to(torch.float32)
+        if shards.on:
+            counts = shards.total(counts)
         if self.training:
             self.load += counts
         return choice + 1, gate, probs, logits, counts
@@ -289,15 +446,18 @@ class TokenChoiceRouter(Fp32Router):
         self.load.zero_()
 
 
-def balancing_loss(probs: torch.Tensor, counts: torch.Tensor, num_recursions: int, dp_group=None):
-    """L_bal = sum_i P_i * f_i, P_i local mean probability, f_i = N_r * global fraction of tokens."""
+def balancing_loss(probs: torch.Tensor, counts: torch.Tensor, num_recursions: int, dp_group=None,
+                   shards: SequenceShards = WHOLE):
+    """L_bal = sum_i P_i * f_i, P_i local mean probability (the micro-batch's whole sequences),
+    f_i = N_r * global fraction of tokens (`counts`: the micro-batch's, all-reduced here over
+    data parallel)."""
     global_counts = counts.clone()
     if dp_group is not None and torch.distributed.is_initialized():
         torch.distributed.all_reduce(global_counts, group=dp_group)
     f = num_recursions * global_counts / global_counts.sum().clamp(min=1)
-    P = probs.float().mean(dim=(0, 1))
+    P = shards.token_mean(probs.float())
     return (P * f).sum()
 
 
-def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+def z_loss(logits: torch.Tensor, shards: SequenceShards = WHOLE) -> torch.Tensor:
+    return shards.token_mean(torch.logsumexp(logits.float(), dim=-1).pow(2))

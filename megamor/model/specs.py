@@ -13,10 +13,15 @@ composed from a megatron `BackendSpecProvider` exactly as megatron's own GPT spe
 local (torch) and Transformer Engine backends build the same tree from different providers:
 
     slot                      local                         te
-    input / pre-MLP norm      WrappedTorchNorm (or apex)    IdentityOp (fused into the linear)
+    input / pre-MLP norm      TorchRMSNorm                  IdentityOp (fused into the linear)
     linear_qkv / linear_fc1   ColumnParallelLinear          TELayerNormColumnParallelLinear
     core_attention            SDPAttention (torch SDPA)     TEDotProductAttention
-    final_layernorm           WrappedTorchNorm (or apex)    TENorm
+    final_layernorm           TorchRMSNorm                  TENorm
+
+`TorchRMSNorm` is megatron's `WrappedTorchNorm` (torch's RMSNorm) that also runs under sequence
+parallelism, which megatron's refuses: on a sequence slice a norm is the same computation, its
+weight only has to be flagged `sequence_parallel` so that its gradient is summed over tensor
+parallel (what TE's and apex's norms do; megatron's finalize_model_grads sums flagged weights).
 
 The final norm comes from the provider, never from a layer's `input_layernorm` slot (which is
 `IdentityOp` under TE). Checkpoint keys are the same for both (megatron's key map below).
@@ -30,9 +35,11 @@ from typing import Union
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
@@ -67,15 +74,34 @@ def resolve_backend(backend: str) -> str:
     return "local"
 
 
+class TorchRMSNorm:
+    """torch's RMSNorm as megatron's `WrappedTorchNorm` builds it, and under sequence
+    parallelism too, with its weight flagged `sequence_parallel` (module docstring)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        if not config.sequence_parallel:
+            return WrappedTorchNorm(config, hidden_size, eps, **kwargs)
+        norm = torch.nn.RMSNorm(normalized_shape=hidden_size, eps=eps)
+        setattr(norm.weight, "sequence_parallel", True)
+        return norm
+
+
+class LocalProvider(LocalSpecProvider):
+    """megatron's local provider, its RMSNorm `TorchRMSNorm`."""
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
+        return TorchRMSNorm if rms_norm else super().layer_norm(rms_norm, for_qk)
+
+
 def provider(backend: str):
-    """megatron's spec provider for a backend. The TE provider only names TE classes, so the TE
-    tree can be built (not instantiated) and pinned by CPU tests."""
+    """megatron's spec provider for a backend (the local one with `TorchRMSNorm`). The TE
+    provider only names TE classes, so the TE tree can be built (not instantiated) and pinned
+    by CPU tests."""
     if backend == "te":
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
         return TESpecProvider()
     if backend == "local":
-        from megatron.core.models.backends import LocalSpecProvider
-        return LocalSpecProvider()
+        return LocalProvider()
     raise ValueError(f"model.backend={backend!r}: expected one of {BACKENDS} (or auto)")
 
 

@@ -28,10 +28,12 @@ The rule is stricter than "legal under megamor's own multi-backend default group
 launcher that initialises torch.distributed itself with plain NCCL (Megatron-LM's does) bypasses
 `parallel.init_process_group`, and a CPU tensor would then crash the step.
 
-Use: `install()` before megatron is imported (megatron captures some collectives at import),
-after `megamor.shims.install_cpu_shims()` on a CPU machine (so the provenance mode sees `.cuda()`
-and `device="cuda"` before the shims rewrite them); `probe()` shows on the live groups that the
-guard is looking; `report()` returns what was seen.
+Use: `install()` after `megamor.shims.install_cpu_shims()` on a CPU machine (so the provenance
+mode sees `.cuda()` and `device="cuda"` before the shims rewrite them) and before any model is
+built; megatron binds some collectives to its own module names at import, and those of megatron
+modules already imported (the shims import its tensor_parallel) are re-pointed at their wrappers
+(`_rebind_captured`). `probe()` shows on the live groups that the guard is looking; `report()`
+returns what was seen.
 """
 
 from __future__ import annotations
@@ -237,13 +239,31 @@ def install(provenance: Optional[bool] = None) -> Guard:
     if provenance is None:
         provenance = not torch.cuda.is_available()
     GUARD = Guard("cpu" if provenance else "cuda")
+    wrapped = {}
     for name in TENSOR_CALLS + OBJECT_CALLS:
         if hasattr(c10d, name):
-            w = GUARD.wrap(name, getattr(c10d, name))
+            fn = getattr(c10d, name)
+            w = GUARD.wrap(name, fn)
+            wrapped[id(fn)] = w
             setattr(c10d, name, w)
             setattr(dist, name, w)
+    _rebind_captured(wrapped)
     ng = GUARD.wrap_new_group(c10d.new_group)
     c10d.new_group = dist.new_group = ng
     if provenance:
         Provenance().__enter__()  # for the lifetime of the process
     return GUARD
+
+
+def _rebind_captured(wrapped: dict) -> None:
+    """megatron binds some collectives to module names at import (`dist_all_gather_func`,
+    `dist_reduce_scatter_func`: its sequence-parallel mappings and the distributed optimizer's
+    buckets); a megatron module imported before `install()` (megamor's CPU shims import
+    megatron's tensor_parallel) keeps the unwrapped function. Point every such name of an
+    imported megatron module at its wrapper, so those calls are recorded and judged too."""
+    for modname, mod in list(sys.modules.items()):
+        if mod is None or not modname.startswith("megatron"):
+            continue
+        for attr, value in list(vars(mod).items()):
+            if callable(value) and id(value) in wrapped:
+                setattr(mod, attr, wrapped[id(value)])
