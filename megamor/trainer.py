@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from megamor import parallel, watchdog
 from megamor.config import Config, save_config
-from megamor.data import GlobalBatchSampler, get_batch
+from megamor.data import BatchLoader, GlobalBatchSampler, get_batch
 from megamor.model import build_stage, padded_vocab_size, plan_for, transformer_config
 from megamor.model.mor_model import MEAN_STATS, dead_token_ratios, fp8_padded
 from megamor.flops import flops_per_step, peak_flops_per_device
@@ -132,6 +132,8 @@ class Trainer:
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dims.dp)
         self.sampler = GlobalBatchSampler(len(self.dataset), t.global_batch_size, t.micro_batch_size,
                                           self.dims.dp, self.dims.dp_rank, cfg.data.seed)
+        # This rank's micro-batches of step k, read ahead in a background thread.
+        self.batches = BatchLoader(self.dataset, self.sampler, prefetch_steps=cfg.data.prefetch_steps)
         self.step = 0
         self.consumed_samples = 0
         self.history: list[dict] = []
@@ -259,8 +261,7 @@ class Trainer:
         cfg, dims = self.cfg, self.dims
         t0 = time.perf_counter()
         self.progress.enter("data", self.step + 1)
-        micro = self.sampler.rank_micro_batches(self.step)
-        batches = iter([get_batch(self.dataset, idx) for idx in micro])
+        batches = iter(self.batches.get(self.step))
         self.stage.aux_loss_scale = 1.0 / self.num_microbatches
         self.stage.reset_stats()
         self.model.train()
@@ -293,6 +294,7 @@ class Trainer:
         self.consumed_samples += cfg.train.global_batch_size
         self.progress.enter("metrics", self.step)
         metrics = self._reduce_metrics(losses, grad_norm, time.perf_counter() - t0)
+        metrics["data_wait_s"] = self.batches.wait_s  # this rank's
         if skipped:
             metrics["nonfinite"] = 1
         self.history.append(metrics)
@@ -761,6 +763,7 @@ class Trainer:
                 print(summary_line(first_step, self.step, time.perf_counter() - started, loss,
                                    final, out), flush=True)
         finally:
+            self.batches.close()
             if log is not None:
                 log.close()
                 self.tracker.log_artifact(out / "metrics.jsonl")

@@ -388,12 +388,11 @@ class DeepSpeedTrainer(Trainer):
 
     def train_step(self) -> dict:
         import time
-        from megamor.data import get_batch
 
         cfg = self.cfg
         t0 = time.perf_counter()
         self.progress.enter("data", self.step + 1)
-        micro = self.sampler.rank_micro_batches(self.step)
+        micro = self.batches.get(self.step)
         self.stage.aux_loss_scale = 1.0 / self.num_microbatches
         self.stage.reset_stats()
         self.model.train()
@@ -403,8 +402,7 @@ class DeepSpeedTrainer(Trainer):
         losses = []
         shared = {"forward": 0, "backward": 0}
         self.progress.enter("forward_backward", self.step + 1)  # and the ZeRO collectives
-        for idx in micro:
-            batch = get_batch(self.dataset, idx)
+        for batch in micro:
             per_token = self.model(input_ids=batch["tokens"].to(self.device),
                                    labels=batch["labels"].to(self.device))
             loss = per_token.float().mean()
@@ -426,6 +424,7 @@ class DeepSpeedTrainer(Trainer):
         self.consumed_samples += cfg.train.global_batch_size
         self.progress.enter("metrics", self.step)
         metrics = self._reduce_metrics(losses, grad_norm, time.perf_counter() - t0)
+        metrics["data_wait_s"] = self.batches.wait_s  # this rank's
         if skipped:
             metrics["nonfinite"] = 1
         if self.allgather_meter is not None:  # this rank's ZeRO-3 parameter all-gathers
