@@ -407,7 +407,8 @@ class Trainer:
             "model": {k: getattr(m, k) for k in SHAPE_FIELDS},
             "layout": {"tp": p.tp, "pp": p.pp, "dp": p.dp},
             "tokenizer_fingerprint": self.tokenizer.fingerprint,
-            "tracking_run_id": self.tracking_run_id,
+            # The tracker's: a run created after start-up (the store was down then) is continued.
+            "tracking_run_id": self.tracker.run_id or self.tracking_run_id,
             "step_health": self.health.state(),
         }
 
@@ -715,8 +716,8 @@ class Trainer:
                         self.tracker.set_tags({"megamor.loss_spike": health[-1]})
                     if self.logs_at(m["step"]):
                         line = self.format_line(m)
-                        if self.tracker.pending:  # the tracking store is unreachable
-                            line += f" | mlflow {self.tracker.pending} metrics buffered"
+                        if self.tracker.backlog:  # the tracking store is unreachable or stalled
+                            line += f" | mlflow {self.tracker.backlog} metrics buffered"
                         print(line, flush=True)
                         for w in alerts:
                             print(f"WARNING: {w}", flush=True)

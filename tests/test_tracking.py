@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -90,6 +91,86 @@ class MlflowServer:
         self.log.close()
 
 
+class StallingProxy:
+    """An HTTP proxy in front of an MLflow server (`target`, or none: every request answered 503)
+    that can stall: while stalled, each request is held (counted in `held`) until the stall
+    ends, then forwarded, as a server whose event loop is blocked would answer late. A client
+    that gave up meanwhile (its request timeout) finds its connection gone; the request is
+    still applied, as a real server would."""
+
+    def __init__(self, target: str | None):
+        import http.server
+        import threading
+        self.target = target
+        self.released = threading.Event()
+        self.released.set()
+        self.held = 0  # requests that arrived during a stall
+        self.answered_in_stall = 0  # responses sent while stalled (must stay 0)
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if not proxy.released.is_set():
+                    proxy.held += 1
+                    proxy.released.wait()
+                status, headers, data = 503, {}, b"no upstream"
+                if proxy.target is not None:
+                    req = urllib.request.Request(
+                        proxy.target + self.path, data=body if body else None, method=self.command,
+                        headers={k: v for k, v in self.headers.items()
+                                 if k.lower() not in ("host", "connection", "content-length")})
+                    try:
+                        with urllib.request.urlopen(req, timeout=60) as r:
+                            status, headers, data = r.status, dict(r.headers), r.read()
+                    except urllib.error.HTTPError as e:
+                        status, headers, data = e.code, dict(e.headers), e.read()
+                if not proxy.released.is_set():
+                    proxy.answered_in_stall += 1
+                try:
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                            self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the client timed out and left
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _any
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stall(self, seconds: float) -> None:
+        """Hold every request from now on for `seconds` (math.inf: until `release`)."""
+        import threading
+        self.released.clear()
+        if seconds != float("inf"):
+            threading.Timer(seconds, self.released.set).start()
+
+    @property
+    def stalled(self) -> bool:
+        return not self.released.is_set()
+
+    def release(self) -> None:
+        self.released.set()
+
+    def close(self) -> None:
+        self.release()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One server for the module (starting one costs seconds); a test that stops it restarts it."""
@@ -129,6 +210,7 @@ def test_server_resume_and_outage(server, tmp_path):
         t1.log_metrics(step, _step_metrics(step))
     t1.log_artifact(run_dir / "config.yaml")
     t1.set_tags({"phase": "one"})
+    assert t1.flush() is True  # delivered in the background; flush() waits for it
     assert t1.failures == 0 and t1.pending == 0
     assert t1.last_logged_step("loss") == 5
 
@@ -151,6 +233,7 @@ def test_server_resume_and_outage(server, tmp_path):
                     run_id=run_id) == run_id
     for step in range(4, 9):
         t2.log_metrics(step, _step_metrics(step))
+    assert t2.flush() is True
     n_keys = len(metric_items(_step_metrics(4))) + 4  # + 4 system metrics
     assert t2.skipped == 2 * n_keys  # steps 4 and 5 were already in the store
     assert t2.failures == 0
@@ -170,7 +253,12 @@ def test_server_resume_and_outage(server, tmp_path):
         t2.log_metrics(step, _step_metrics(step))
     (run_dir / "late.txt").write_text("written during the outage")
     t2.log_artifact(run_dir / "late.txt", artifact_path="extra")
+    deadline = time.monotonic() + 60
+    while t2.failures < 1 and time.monotonic() < deadline:  # the sender's first try
+        time.sleep(0.05)
+    time.sleep(0.5)
     assert t2.failures == 1
+    assert t2.backlog == t2.pending  # in a failure burst: the console line reports it
     assert t2.flush(force=True) is False
     assert t2.failures == 2
     assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 0
@@ -228,6 +316,88 @@ def test_unreachable_store_reports_losses(tmp_path):
     assert report["lost_metrics"] == 6 and report["run_id"] is None and not report["terminated"]
     unsent = list(read_unsent(tmp_path / "mlflow-unsent.jsonl"))
     assert [(u["key"], u["step"]) for u in unsent] == [("loss", 2), ("lr", 2), ("loss", 3), ("lr", 3)]
+
+
+def test_stalled_server_at_start_loses_nothing(tmp_path, monkeypatch):
+    """A tracking server that accepts connections and never answers (stalled from the first
+    request): `start` gives up after one request timeout, steps are logged without waiting,
+    and `finish` returns within its bound with every metric in the unsent file."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    proxy = StallingProxy(None)
+    proxy.stall(float("inf"))
+    try:
+        t = Tracker(request_timeout_s=1, finish_timeout_s=1.0, system_metrics=False,
+                    backoff_initial_s=3600.0)
+        assert t.start(tmp_path, {"a": {"b": 1}}, tracking_uri=proxy.url) is None
+        assert proxy.held == 1 and t.failures == 1  # the run's creation timed out
+        for step in range(1, 21):
+            t.log_metrics(step, {"loss": 1.0 / step, "lr": 0.1})
+        assert t.pending == t.backlog == 40  # a failure burst: the console line says so
+        report = t.finish("FINISHED")  # a forced attempt, held too: given up after 1 s
+        assert proxy.stalled and proxy.held == 2 and proxy.answered_in_stall == 0
+        assert report["lost_metrics"] == 40 and report["run_id"] is None
+        unsent = list(read_unsent(tmp_path / "mlflow-unsent.jsonl"))
+        assert [(u["key"], u["step"]) for u in unsent] == [
+            (k, s) for s in range(1, 21) for k in ("loss", "lr")]
+    finally:
+        proxy.close()
+
+
+@pytest.mark.slow  # uses the MLflow server; the stall itself takes 30 s (no CPU)
+def test_stalled_server_does_not_stall_steps(server, tmp_path):
+    """The tracking server stalls for 30 s in the middle of a run (every request held, then
+    answered late). A step loop that logs through two trackers, as the trainer logs, goes on
+    meanwhile: all its steps are logged while the server is still stalled, though each
+    tracker's sender had a request held (a step that sent itself would have waited in it).
+    Nothing is lost: tracker `a` delivers every step once the stall ends (exactly once, each);
+    tracker `b` finishes during the stall, within its bound, with every step in its unsent file."""
+    if server.proc is None:
+        server.start()
+    proxy = StallingProxy(server.url)
+    try:
+        a = Tracker(finish_timeout_s=90.0)
+        b = Tracker(finish_timeout_s=2.0)
+        config = {"train": {"lr": 1e-3}}
+        run_a = a.start(tmp_path / "a", config, tracking_uri=proxy.url, experiment="stall")
+        run_b = b.start(tmp_path / "b", config, tracking_uri=proxy.url, experiment="stall")
+        assert run_a and run_b and a.flush() and b.flush()
+        proxy.stall(30.0)
+        steps, logged_in_stall = 40, []
+        for step in range(1, steps + 1):
+            time.sleep(0.02)  # the step's compute
+            a.log_metrics(step, _step_metrics(step))
+            b.log_metrics(step, _step_metrics(step))
+            logged_in_stall.append(proxy.stalled)
+            if step == 1:  # the senders' first requests are held before the loop goes on
+                deadline = time.monotonic() + 20
+                while proxy.held < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+        assert all(logged_in_stall) and proxy.held >= 2 and proxy.answered_in_stall == 0
+        n_keys = len(metric_items(_step_metrics(1))) + 4  # + 4 system metrics
+        assert a.pending == b.pending == steps * n_keys
+
+        report_b = b.finish("FINISHED")  # during the stall: bounded, all in the unsent file
+        assert proxy.stalled
+        assert report_b["lost_metrics"] == steps * n_keys
+        unsent = [(u["key"], u["step"]) for u in read_unsent(tmp_path / "b" / "mlflow-unsent.jsonl")]
+        assert sorted(s for k, s in unsent if k == "loss") == list(range(1, steps + 1))
+        assert len(unsent) == len(set(unsent)) == steps * n_keys
+
+        # The stall ends: `a`'s sender delivers the backlog by itself (its retries)
+        assert proxy.released.wait(60)
+        deadline = time.monotonic() + 90
+        while a.pending and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert a.pending == 0 and a.backlog == 0
+        report_a = a.finish("FINISHED")
+        assert report_a["lost_metrics"] == 0 and report_a["terminated"]
+        assert not (tmp_path / "a" / "mlflow-unsent.jsonl").exists()
+        client = MlflowClient(server.url)
+        assert _steps(client, run_a, "loss") == list(range(1, steps + 1))
+        assert _steps(client, run_a, "layer_tokens/3") == list(range(1, steps + 1))
+        assert client.get_run(run_a).info.status == "FINISHED"
+    finally:
+        proxy.close()
 
 
 def test_helpers_and_null_tracker():
