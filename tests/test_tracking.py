@@ -4,12 +4,9 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,156 +16,8 @@ from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES  # noqa
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
+from megamor.testing.tracking_server import MlflowServer, StallingProxy, free_port  # noqa: E402
 from megamor.tracking import NullTracker, Tracker, flatten_config, metric_items, read_unsent  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """`mlflow server` in its own process group (the CLI starts uvicorn as a child), so stopping
-    it ends exactly the processes this test started."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = None
-
-    def start(self, timeout: float = 90.0) -> None:
-        env = dict(os.environ)
-        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner / huey workers
-        env.pop("MLFLOW_TRACKING_URI", None)
-        self.log = open(self.root / "server.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server",
-             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-             "--artifacts-destination", str(self.root / "server-artifacts"),
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("mlflow server exited:\n" + (self.root / "server.log").read_text()[-3000:])
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("mlflow server did not answer in time")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=5)
-        # the uvicorn child shares the group: make sure it is gone too before a restart
-        for _ in range(50):
-            try:
-                os.killpg(self.proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc = None
-        self.log.close()
-
-
-class StallingProxy:
-    """An HTTP proxy in front of an MLflow server (`target`, or none: every request answered 503)
-    that can stall: while stalled, each request is held (counted in `held`) until the stall
-    ends, then forwarded, as a server whose event loop is blocked would answer late. A client
-    that gave up meanwhile (its request timeout) finds its connection gone; the request is
-    still applied, as a real server would."""
-
-    def __init__(self, target: str | None):
-        import http.server
-        import threading
-        self.target = target
-        self.released = threading.Event()
-        self.released.set()
-        self.held = 0  # requests that arrived during a stall
-        self.answered_in_stall = 0  # responses sent while stalled (must stay 0)
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _any(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if not proxy.released.is_set():
-                    proxy.held += 1
-                    proxy.released.wait()
-                status, headers, data = 503, {}, b"no upstream"
-                if proxy.target is not None:
-                    req = urllib.request.Request(
-                        proxy.target + self.path, data=body if body else None, method=self.command,
-                        headers={k: v for k, v in self.headers.items()
-                                 if k.lower() not in ("host", "connection", "content-length")})
-                    try:
-                        with urllib.request.urlopen(req, timeout=60) as r:
-                            status, headers, data = r.status, dict(r.headers), r.read()
-                    except urllib.error.HTTPError as e:
-                        status, headers, data = e.code, dict(e.headers), e.read()
-                if not proxy.released.is_set():
-                    proxy.answered_in_stall += 1
-                try:
-                    self.send_response(status)
-                    for k, v in headers.items():
-                        if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                            self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except OSError:
-                    pass  # the client timed out and left
-
-            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _any
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self._thread.start()
-
-    def stall(self, seconds: float) -> None:
-        """Hold every request from now on for `seconds` (math.inf: until `release`)."""
-        import threading
-        self.released.clear()
-        if seconds != float("inf"):
-            threading.Timer(seconds, self.released.set).start()
-
-    @property
-    def stalled(self) -> bool:
-        return not self.released.is_set()
-
-    def release(self) -> None:
-        self.released.set()
-
-    def close(self) -> None:
-        self.release()
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +153,7 @@ def test_default_local_sqlite_store(tmp_path, monkeypatch):
 
 
 def test_unreachable_store_reports_losses(tmp_path):
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens here
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens here
     t = Tracker(buffer_size=4, system_metrics=False, finish_attempts=1, backoff_initial_s=3600.0)
     assert t.start(tmp_path, {"a": {"b": 1}}, tracking_uri=url) is None  # does not raise
     for step in range(1, 4):
@@ -484,10 +333,13 @@ def test_pretrain_survives_server_outage(server, tmp_path, builtin_root):
     client = MlflowClient(server.url)
     (run,) = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
     assert run.info.status == "FINISHED"
-    local = {m["step"]: m["loss"] for m in map(json.loads, metrics.read_text().splitlines())}
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert all(m["data_wait_s"] >= 0 for m in lines)  # the prefetcher's wait, every step
+    local = {m["step"]: m["loss"] for m in lines}
     hist = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
     assert sorted(hist) == list(range(1, steps + 1))  # the outage's steps arrived, once each
     assert all(hist[s] == pytest.approx(local[s], rel=1e-6) for s in hist)
+    assert _steps(client, run.info.run_id, "data_wait_s") == list(range(1, steps + 1))
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "metrics.jsonl", "depth_maps"} <= arts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "depth_maps")} == {
