@@ -1,7 +1,7 @@
 """Data and tracking off the training step's critical path (issue 21, items 3 and 4): side by
 side in one run, not a timed test.
 
-    python benchmarks/critical_path.py                    # both parts, defaults below
+    python benchmarks/critical_path.py                    # both parts: --steps 4 --rounds 6 ...
     python benchmarks/critical_path.py --part data --read-delay-ms 10 --steps 8 --rounds 3
     python benchmarks/critical_path.py --part tracking --server-delay-s 0.3 --stall-s 15
 
@@ -247,8 +247,8 @@ def bench_tracking(trainer, args, tmp: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("data", "tracking", "both"), default="both")
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per mode and round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per mode and round")
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--read-delay-ms", type=float, default=10.0, help="per sample, slow reader")
     ap.add_argument("--server-delay-s", type=float, default=0.3, help="per request, slow server")
     ap.add_argument("--stall-s", type=float, default=15.0)

@@ -273,8 +273,9 @@ class BatchLoader:
 
     Errors: a read error (a ``DataError`` naming the shard) is raised by the ``get`` of the step
     that needed it, on the caller's thread, as the same exception object. ``close()`` stops the
-    thread (also done on garbage collection and when an iteration ends); it is a daemon thread
-    that waits only with timeouts, so neither a signal handler nor interpreter exit waits on it.
+    thread (also done on garbage collection and when an iteration ends), waiting at most 2 s for
+    a read in progress; the thread is a daemon that waits only with timeouts, so neither a
+    signal handler nor interpreter exit waits on it.
 
     Iterating (``for batches in loader``) starts at global batch
     ``sampler.consumed_samples // global_batch_size`` and advances ``sampler.consumed_samples``
@@ -320,12 +321,12 @@ class BatchLoader:
             try:
                 batch, self.read_s = self._reader.take()
             except BaseException:
-                self.close()  # the thread has ended with the error; asking again starts afresh
+                self.close(timeout=1.0)  # the thread ended with its error; asking again restarts
                 raise
         self.wait_s = time.perf_counter() - t0
         return batch
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = 2.0) -> None:
         """Stop the reading thread (waiting up to ``timeout`` s for a read in progress)."""
         reader, self._reader = self._reader, None
         if self._finalizer is not None:
