@@ -167,6 +167,9 @@ class DataConfig:
     tokenizer_vocab_size: int = 1024  # used when training the builtin tokenizer
     seed: int = 1234
     on_corrupt: str = "error"  # error | skip (skip a corrupt shard, loudly, and count it)
+    # Steps whose micro-batches a background thread reads ahead of the step that trains
+    # (megamor.data.BatchLoader); 0: read on the training thread at the start of each step
+    prefetch_steps: int = 2
 
 
 @dataclass
@@ -553,6 +556,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise ConfigError(f"train.lr={t.lr} / train.min_lr={t.min_lr}: need 0 <= min_lr <= lr")
     _choice(cfg.data.on_corrupt, ("error", "skip"), "data.on_corrupt")
+    if cfg.data.prefetch_steps < 0:
+        raise ConfigError(f"data.prefetch_steps={cfg.data.prefetch_steps} must be >= 0 "
+                          f"(0: read on the training thread)")
     _choice(t.on_nonfinite, ("skip", "error"), "train.on_nonfinite")
     if t.max_nonfinite_in_row < 1:
         raise ConfigError(f"train.max_nonfinite_in_row={t.max_nonfinite_in_row} must be >= 1")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import logging
+import threading
+import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -436,16 +440,147 @@ def test_global_batches_dp_workers_resume(two_dirs, tok):
     assert all(x.equal(y) for x, y in zip(_global_batches(bl, 2, 4, start=steps - 4, workers=2), ref[-4:]))
     for k in range(steps):  # stop at any step and resume from the consumed-sample count
         assert _global_batches(bl, 2, 1, start=k)[0].equal(ref[k])
-    # Resuming reads only the resumed batch's samples, not everything before it.
+    # Resuming reads only the resumed batch's samples, not everything before it: on the
+    # caller's thread (prefetch_steps=0) exactly its samples; prefetching, its samples first,
+    # then those of the steps after it.
     rec = _Recording(bl)
     s = GlobalBatchSampler(len(rec), 16, 8, 1, 0, seed=11, consumed_samples=(steps - 1) * 16)
-    batch = next(iter(BatchLoader(rec, s)))
+    batch = next(iter(BatchLoader(rec, s, prefetch_steps=0)))
     assert sorted(rec.seen) == sorted(s.global_batch(steps - 1).tolist())
+    assert torch.cat([mb["tokens"] for mb in batch]).equal(ref[-1])
+    rec = _Recording(bl)
+    with BatchLoader(rec, s, prefetch_steps=2) as loader:
+        batch = loader.get(steps - 1)
+    assert sorted(rec.seen[:16]) == sorted(s.global_batch(steps - 1).tolist())
+    assert set(rec.seen) <= set(np.concatenate([s.global_batch(k) for k in range(steps - 1, steps + 2)]).tolist())
     assert torch.cat([mb["tokens"] for mb in batch]).equal(ref[-1])
     state = s.state_dict()
     t = GlobalBatchSampler(len(bl), 16, 8, 1, 0, seed=11)
     t.load_state_dict(state)
     assert t.consumed_samples == steps * 16
+
+
+class _Gated(torch.utils.data.Dataset):
+    """A dataset whose reads of the samples in ``blocked`` wait for ``gate``: what a read of
+    a slow file system looks like to the loader, made deterministic. Records (sample, thread)."""
+
+    def __init__(self, ds, blocked=(), fail=None):
+        self.ds, self.blocked, self.fail = ds, set(blocked), fail
+        self.gate, self.seen = threading.Event(), []
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        self.seen.append((int(i), threading.current_thread().name))
+        if int(i) in self.blocked:
+            self.gate.wait()
+        if self.fail is not None and int(i) == self.fail[0]:
+            raise self.fail[1]
+        return self.ds[i]
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("megamor-prefetch")]
+
+
+def test_prefetching_loader(two_dirs, tok):
+    """BatchLoader.get(k), as the trainer calls it: the same batches as reading on the caller's
+    thread whatever the timing, steps after k read in the background while the caller holds k,
+    jumps restart the reading at the asked step, and close() ends the thread even while a read
+    hangs."""
+    a, b = two_dirs
+    bl = open_training_data(f"0.6:{a},0.4:{b}", SEQ, tok.fingerprint, seed=5)
+    s = GlobalBatchSampler(len(bl), 16, 4, 2, 1, seed=11)  # rank 1 of 2, 2 micro-batches/step
+    steps = len(bl) // 16 + 3
+    ref = [BatchLoader(bl, s, prefetch_steps=0).get(k) for k in range(steps)]
+
+    def same(x, y):
+        return len(x) == len(y) == 2 and all(
+            p["tokens"].equal(q["tokens"]) and p["labels"].equal(q["labels"]) for p, q in zip(x, y))
+
+    # Step 1's first sample is held back: get(0) returns while the thread waits in step 1;
+    # get(1) waits for it (and says so in wait_s); the order never depends on the timing.
+    first_of_1 = s.rank_micro_batches(1)[0][0]
+    gated = _Gated(bl, blocked={first_of_1})
+    loader = BatchLoader(gated, s, prefetch_steps=2)
+    assert same(loader.get(0), ref[0])
+    deadline = time.monotonic() + 60
+    while first_of_1 not in [i for i, _ in gated.seen] and time.monotonic() < deadline:
+        time.sleep(0.01)  # step 1 is being read by now, in the background
+    assert {name for _, name in gated.seen} == {"megamor-prefetch-from-0"}
+    threading.Timer(0.3, gated.gate.set).start()
+    assert same(loader.get(1), ref[1]) and loader.wait_s > 0.1
+    assert all(same(loader.get(k), ref[k]) for k in range(2, steps))  # crosses an epoch
+    # A jump (a resume at step 3) restarts the reading there; going back works too.
+    assert same(loader.get(3), ref[3]) and same(loader.get(4), ref[4])
+    assert same(loader.get(0), ref[0])
+    loader.close()
+    assert not _prefetch_threads()
+
+    # With DataLoader workers behind the thread: the same batches.
+    with BatchLoader(bl, s, num_workers=2) as loader:
+        assert all(same(loader.get(k), ref[k]) for k in range(4, 8))
+
+    # A read that never returns (a dead file system): close() gives up on it after its
+    # timeout; the thread is a daemon, so the process can still exit.
+    stuck = _Gated(bl, blocked={first_of_1})
+    loader = BatchLoader(stuck, s)
+    loader.get(0)
+    t0 = time.monotonic()
+    loader.close(timeout=0.2)
+    assert time.monotonic() - t0 < 30
+    (thread,) = _prefetch_threads()
+    assert thread.daemon
+    stuck.gate.set()
+    thread.join(30)
+    assert not _prefetch_threads()
+
+    # Garbage collection stops the thread too (the thread keeps no reference to the loader).
+    loader = BatchLoader(bl, s)
+    loader.get(0)
+    del loader
+    gc.collect()
+    deadline = time.monotonic() + 30
+    while _prefetch_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _prefetch_threads()
+
+
+def test_prefetch_errors_reach_the_caller(tmp_path, tok, docs):
+    """A corrupt shard read by the prefetch thread: the get() of the step that needs it raises
+    the reader's DataError on the caller's thread (the same one-line message, naming the file);
+    the steps before it are delivered; nothing hangs and no thread is left."""
+    src = _jsonl(tmp_path / "x.jsonl", docs)
+    out = tmp_path / "o"
+    _prepare([src], tok, out, val_fraction=0.0)
+    bad = out / "train" / "shard-000001.tar"
+    raw = bytearray(bad.read_bytes())
+    raw[3000:3004] = bytes(x ^ 0xFF for x in raw[3000:3004])
+    bad.write_bytes(bytes(raw))
+    ds = ShardedTokenDataset(out)
+
+    def first_bad(s):  # the first step that reads a sample of shard 1
+        return next(k for k in range(len(ds)) if any(16 <= i < 32 for i in s.global_batch(k)))
+
+    s = next(s for s in (GlobalBatchSampler(len(ds), 4, 2, 1, 0, seed=seed) for seed in range(100))
+             if first_bad(s) >= 2)
+    first_bad = first_bad(s)
+    loader = BatchLoader(ds, s, prefetch_steps=2)
+    for k in range(first_bad):
+        loader.get(k)
+    with pytest.raises(DataError, match=f"^shard {bad}: sha256 .* \\(corrupt\\)$") as err:
+        loader.get(first_bad)
+    # Its traceback (in the rank's log) goes through the read on the prefetch thread.
+    assert "_read_step" in [f.name for f in traceback.extract_tb(err.value.__traceback__)]
+    assert not _prefetch_threads()
+    with pytest.raises(DataError, match="corrupt"):  # asked again: read again, same error
+        loader.get(first_bad)
+    assert not _prefetch_threads()
+    # Any exception of a read travels the same way (here not a DataError).
+    boom = _Gated(ds, fail=(s.global_batch(0)[3], KeyError("boom")))
+    with pytest.raises(KeyError, match="boom"):
+        BatchLoader(boom, s).get(0)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -107,7 +107,7 @@ def test_tp2_dp2_kv_sharing_aux_router_loss_free_sequence(reference, tmp_path, b
                   ("reduce_scatter_tensor", "megamor/model/routing.py:gather"),
                   ("all_gather_into_tensor", "megamor/model/routing.py:set_rows"),
                   ("all_reduce", "megamor/model/routing.py:total")}
-    grads_sp = {("all_reduce", "megamor/trainer.py:_finalize_grads")}
+    grads_sp = {("all_reduce", "megamor/engines/megatron.py:_finalize_grads")}
     ec_sp, van_sp = _sites(got["mor_ec+sp"]), _sites(got["vanilla+sp"])
     tp_only = _sites(got["mor_ec_auxrouter"])  # the same router at TP 2 without SP
     assert layers_sp | routing_sp | grads_sp <= ec_sp, sorted(ec_sp)

@@ -4,11 +4,9 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,76 +16,8 @@ from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES  # noqa
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
+from megamor.testing.tracking_server import MlflowServer, StallingProxy, free_port  # noqa: E402
 from megamor.tracking import NullTracker, Tracker, flatten_config, metric_items, read_unsent  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """`mlflow server` in its own process group (the CLI starts uvicorn as a child), so stopping
-    it ends exactly the processes this test started."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = None
-
-    def start(self, timeout: float = 90.0) -> None:
-        env = dict(os.environ)
-        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner / huey workers
-        env.pop("MLFLOW_TRACKING_URI", None)
-        self.log = open(self.root / "server.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server",
-             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-             "--artifacts-destination", str(self.root / "server-artifacts"),
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("mlflow server exited:\n" + (self.root / "server.log").read_text()[-3000:])
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("mlflow server did not answer in time")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=5)
-        # the uvicorn child shares the group: make sure it is gone too before a restart
-        for _ in range(50):
-            try:
-                os.killpg(self.proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc = None
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +59,7 @@ def test_server_resume_and_outage(server, tmp_path):
         t1.log_metrics(step, _step_metrics(step))
     t1.log_artifact(run_dir / "config.yaml")
     t1.set_tags({"phase": "one"})
+    assert t1.flush() is True  # delivered in the background; flush() waits for it
     assert t1.failures == 0 and t1.pending == 0
     assert t1.last_logged_step("loss") == 5
 
@@ -151,6 +82,7 @@ def test_server_resume_and_outage(server, tmp_path):
                     run_id=run_id) == run_id
     for step in range(4, 9):
         t2.log_metrics(step, _step_metrics(step))
+    assert t2.flush() is True
     n_keys = len(metric_items(_step_metrics(4))) + 4  # + 4 system metrics
     assert t2.skipped == 2 * n_keys  # steps 4 and 5 were already in the store
     assert t2.failures == 0
@@ -170,7 +102,12 @@ def test_server_resume_and_outage(server, tmp_path):
         t2.log_metrics(step, _step_metrics(step))
     (run_dir / "late.txt").write_text("written during the outage")
     t2.log_artifact(run_dir / "late.txt", artifact_path="extra")
+    deadline = time.monotonic() + 60
+    while t2.failures < 1 and time.monotonic() < deadline:  # the sender's first try
+        time.sleep(0.05)
+    time.sleep(0.5)
     assert t2.failures == 1
+    assert t2.backlog == t2.pending  # in a failure burst: the console line reports it
     assert t2.flush(force=True) is False
     assert t2.failures == 2
     assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 0
@@ -216,7 +153,7 @@ def test_default_local_sqlite_store(tmp_path, monkeypatch):
 
 
 def test_unreachable_store_reports_losses(tmp_path):
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens here
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens here
     t = Tracker(buffer_size=4, system_metrics=False, finish_attempts=1, backoff_initial_s=3600.0)
     assert t.start(tmp_path, {"a": {"b": 1}}, tracking_uri=url) is None  # does not raise
     for step in range(1, 4):
@@ -228,6 +165,88 @@ def test_unreachable_store_reports_losses(tmp_path):
     assert report["lost_metrics"] == 6 and report["run_id"] is None and not report["terminated"]
     unsent = list(read_unsent(tmp_path / "mlflow-unsent.jsonl"))
     assert [(u["key"], u["step"]) for u in unsent] == [("loss", 2), ("lr", 2), ("loss", 3), ("lr", 3)]
+
+
+def test_stalled_server_at_start_loses_nothing(tmp_path, monkeypatch):
+    """A tracking server that accepts connections and never answers (stalled from the first
+    request): `start` gives up after one request timeout, steps are logged without waiting,
+    and `finish` returns within its bound with every metric in the unsent file."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    proxy = StallingProxy(None)
+    proxy.stall(float("inf"))
+    try:
+        t = Tracker(request_timeout_s=1, finish_timeout_s=1.0, system_metrics=False,
+                    backoff_initial_s=3600.0)
+        assert t.start(tmp_path, {"a": {"b": 1}}, tracking_uri=proxy.url) is None
+        assert proxy.held == 1 and t.failures == 1  # the run's creation timed out
+        for step in range(1, 21):
+            t.log_metrics(step, {"loss": 1.0 / step, "lr": 0.1})
+        assert t.pending == t.backlog == 40  # a failure burst: the console line says so
+        report = t.finish("FINISHED")  # a forced attempt, held too: given up after 1 s
+        assert proxy.stalled and proxy.held == 2 and proxy.answered_in_stall == 0
+        assert report["lost_metrics"] == 40 and report["run_id"] is None
+        unsent = list(read_unsent(tmp_path / "mlflow-unsent.jsonl"))
+        assert [(u["key"], u["step"]) for u in unsent] == [
+            (k, s) for s in range(1, 21) for k in ("loss", "lr")]
+    finally:
+        proxy.close()
+
+
+@pytest.mark.slow  # uses the MLflow server; the stall itself takes 30 s (no CPU)
+def test_stalled_server_does_not_stall_steps(server, tmp_path):
+    """The tracking server stalls for 30 s in the middle of a run (every request held, then
+    answered late). A step loop that logs through two trackers, as the trainer logs, goes on
+    meanwhile: all its steps are logged while the server is still stalled, though each
+    tracker's sender had a request held (a step that sent itself would have waited in it).
+    Nothing is lost: tracker `a` delivers every step once the stall ends (exactly once, each);
+    tracker `b` finishes during the stall, within its bound, with every step in its unsent file."""
+    if server.proc is None:
+        server.start()
+    proxy = StallingProxy(server.url)
+    try:
+        a = Tracker(finish_timeout_s=90.0)
+        b = Tracker(finish_timeout_s=2.0)
+        config = {"train": {"lr": 1e-3}}
+        run_a = a.start(tmp_path / "a", config, tracking_uri=proxy.url, experiment="stall")
+        run_b = b.start(tmp_path / "b", config, tracking_uri=proxy.url, experiment="stall")
+        assert run_a and run_b and a.flush() and b.flush()
+        proxy.stall(30.0)
+        steps, logged_in_stall = 40, []
+        for step in range(1, steps + 1):
+            time.sleep(0.02)  # the step's compute
+            a.log_metrics(step, _step_metrics(step))
+            b.log_metrics(step, _step_metrics(step))
+            logged_in_stall.append(proxy.stalled)
+            if step == 1:  # the senders' first requests are held before the loop goes on
+                deadline = time.monotonic() + 20
+                while proxy.held < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+        assert all(logged_in_stall) and proxy.held >= 2 and proxy.answered_in_stall == 0
+        n_keys = len(metric_items(_step_metrics(1))) + 4  # + 4 system metrics
+        assert a.pending == b.pending == steps * n_keys
+
+        report_b = b.finish("FINISHED")  # during the stall: bounded, all in the unsent file
+        assert proxy.stalled
+        assert report_b["lost_metrics"] == steps * n_keys
+        unsent = [(u["key"], u["step"]) for u in read_unsent(tmp_path / "b" / "mlflow-unsent.jsonl")]
+        assert sorted(s for k, s in unsent if k == "loss") == list(range(1, steps + 1))
+        assert len(unsent) == len(set(unsent)) == steps * n_keys
+
+        # The stall ends: `a`'s sender delivers the backlog by itself (its retries)
+        assert proxy.released.wait(60)
+        deadline = time.monotonic() + 90
+        while a.pending and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert a.pending == 0 and a.backlog == 0
+        report_a = a.finish("FINISHED")
+        assert report_a["lost_metrics"] == 0 and report_a["terminated"]
+        assert not (tmp_path / "a" / "mlflow-unsent.jsonl").exists()
+        client = MlflowClient(server.url)
+        assert _steps(client, run_a, "loss") == list(range(1, steps + 1))
+        assert _steps(client, run_a, "layer_tokens/3") == list(range(1, steps + 1))
+        assert client.get_run(run_a).info.status == "FINISHED"
+    finally:
+        proxy.close()
 
 
 def test_helpers_and_null_tracker():
@@ -314,10 +333,13 @@ def test_pretrain_survives_server_outage(server, tmp_path, builtin_root):
     client = MlflowClient(server.url)
     (run,) = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
     assert run.info.status == "FINISHED"
-    local = {m["step"]: m["loss"] for m in map(json.loads, metrics.read_text().splitlines())}
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert all(m["data_wait_s"] >= 0 for m in lines)  # the prefetcher's wait, every step
+    local = {m["step"]: m["loss"] for m in lines}
     hist = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
     assert sorted(hist) == list(range(1, steps + 1))  # the outage's steps arrived, once each
     assert all(hist[s] == pytest.approx(local[s], rel=1e-6) for s in hist)
+    assert _steps(client, run.info.run_id, "data_wait_s") == list(range(1, steps + 1))
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "metrics.jsonl", "depth_maps"} <= arts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "depth_maps")} == {

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from megamor.data import GlobalBatchSampler, get_batch
+from megamor.data import BatchLoader, GlobalBatchSampler
 
 
 def open_dataset(cfg):
@@ -41,12 +41,25 @@ class TrainingData:
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * dims.dp)
         self.sampler = GlobalBatchSampler(len(self.dataset), t.global_batch_size,
                                           t.micro_batch_size, dims.dp, dims.dp_rank, cfg.data.seed)
+        # This rank's micro-batches of step k, read ahead in a background thread
+        # (`data.prefetch_steps`; megamor/data/loader.py).
+        self.batches = BatchLoader(self.dataset, self.sampler, prefetch_steps=cfg.data.prefetch_steps)
         self.consumed_samples = 0
 
     def micro_batches(self, step: int) -> list[dict]:
         """This rank's micro-batches of global batch `step` (0-based), each {"tokens", "labels"}
-        [b, s]: where the loop takes its data, once per step."""
-        return [get_batch(self.dataset, idx) for idx in self.sampler.rank_micro_batches(step)]
+        [b, s]: where the loop takes its data, once per step. Read ahead; a read error is
+        raised here, on the training thread."""
+        return self.batches.get(step)
+
+    @property
+    def wait_s(self) -> float:
+        """Seconds the last `micro_batches` call waited for its data (this rank's)."""
+        return self.batches.wait_s
+
+    def close(self) -> None:
+        """Stop the read-ahead thread."""
+        self.batches.close()
 
     def advance(self) -> None:
         self.consumed_samples += self.cfg.train.global_batch_size

@@ -120,6 +120,7 @@ class Trainer:
         # what watches and reports the run
         self.history: list[dict] = []
         self.tracker = create_tracker(cfg.tracking.enabled, dims.rank == 0)
+        self.state.tracker = self.tracker  # a checkpoint keeps the id the tracker ended up with
         self.depth_maps = DepthMaps(cfg, self.engine, self.tokenizer, self.data.dataset)
         self.metrics = StepMetrics(cfg, dims, self.device, self.engine.plan, self.vocab_size,
                                    self.data.num_microbatches, self._peak_flops())
@@ -170,6 +171,7 @@ class Trainer:
         self.progress.enter("metrics", step)
         lr = self.engine.optimizer.param_groups[0]["lr"]
         metrics = self.metrics.reduce(step, result, lr, time.perf_counter() - t0)
+        metrics["data_wait_s"] = self.data.wait_s  # this rank's
         if result.skipped:
             metrics["nonfinite"] = 1
         metrics.update(result.extra)
@@ -252,6 +254,7 @@ class Trainer:
                 print(summary_line(first_step, self.step, time.perf_counter() - started, loss,
                                    final, out), flush=True)
         finally:
+            self.data.close()
             if report is not None:
                 report.log.close()
                 self.tracker.log_artifact(out / "metrics.jsonl")

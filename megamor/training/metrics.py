@@ -205,8 +205,8 @@ class Report:
         if not logged:
             return
         line = format_line(m)
-        if self.tracker.pending:  # the tracking store is unreachable
-            line += f" | mlflow {self.tracker.pending} metrics buffered"
+        if self.tracker.backlog:  # the tracking store is unreachable or stalled
+            line += f" | mlflow {self.tracker.backlog} metrics buffered"
         print(line, flush=True)
         for w in alerts:
             print(f"WARNING: {w}", flush=True)

@@ -18,11 +18,17 @@ class TrainState:
         self.train_cfg, self.scheduler, self.health = train_cfg, scheduler, health
         self.step = 0
         self.tracking_run_id: Optional[str] = None
+        self.tracker = None  # the run's tracker (set by the loop): its id wins when it has one
         self.schedule_note: Optional[str] = None  # set when a resume extends or re-plans it
 
     def state_dict(self) -> dict:
         return {"step": self.step, "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
-                "tracking_run_id": self.tracking_run_id, "step_health": self.health.state()}
+                "tracking_run_id": self.run_id(), "step_health": self.health.state()}
+
+    def run_id(self) -> Optional[str]:
+        """The tracker's run id: a run created after start-up (the store was down then) is the
+        one a resume continues; else the id this run started or resumed with."""
+        return (self.tracker.run_id if self.tracker is not None else None) or self.tracking_run_id
 
     def load_state_dict(self, meta: dict, checkpoint: Path) -> None:
         """After the engine restored weights and optimizer state: the LR schedule (kept,
