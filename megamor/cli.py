@@ -42,6 +42,8 @@ def cmd_config(args) -> int:
 def main(argv=None) -> int:
     # megatron-core's import-time and deprecation warnings are noise for every subcommand.
     warnings.filterwarnings("ignore", module=r"megatron\.")
+    from megamor.console import quiet_library_notices
+    quiet_library_notices()
     ap = argparse.ArgumentParser(prog="megamor", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)

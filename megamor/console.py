@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Optional
+import warnings
+from typing import TYPE_CHECKING, Optional
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # torch loads with the first function that needs it (`megamor --help` loads none)
+    import torch
 
 
 def parameter_count(stage: torch.nn.Module, device: torch.device) -> int:
     """Parameters of the whole model, every rank taking part (one all-reduce over the model-
     parallel group, on the training `device`): each tensor-parallel shard once, weights
     replicated over tensor parallel once, copies of shared layers (flagged `shared`) not again."""
+    import torch
+    import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
     from megatron.core.transformer.module import param_is_not_shared
@@ -107,6 +110,42 @@ def silence_expected_megatron_noise() -> None:
     log = logging.getLogger("megatron.core.dist_checkpointing.validation")
     if not any(isinstance(f, _ExpectedNoise) for f in log.filters):
         log.addFilter(_ExpectedNoise())
+
+
+# Notices that libraries print on every run of a megamor command and that say nothing to its
+# user: a CPU machine has no CUDA runtime; megatron-core 0.19's migration and deprecation notices
+# about how megamor calls it (spec wrapping, DDP layout computed inside DDP, its own async save);
+# torch's notes that a checkpoint is read in one process, which is what megamor asks for there.
+_LIBRARY_NOTICES = {
+    "megatron.core.transformer.transformer_layer": r"Rewrapping ModuleSpec with module",
+    "megatron.core.distributed.distributed_data_parallel": r"full_param_layout not provided",
+    "megatron.core.dist_checkpointing.strategies.torch": r"MCore's async save is deprecated",
+}
+_TORCH_WARNINGS = (r"torch\.distributed is disabled, unavailable or uninitialized",
+                   r"The argument order of load has been changed")
+
+
+class _Notice(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def quiet_library_notices() -> None:
+    """Filter `_LIBRARY_NOTICES` and `_TORCH_WARNINGS` (each by its logger and message: anything
+    else those loggers say still gets through). Called before torch or megatron is imported by
+    every entry point (the CLI, `megamor.pretrain.run`): torch logs its CUDA notice at import."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime"
+    for name, pattern in _LIBRARY_NOTICES.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _Notice) for f in log.filters):
+            log.addFilter(_Notice(pattern))
+    for message in _TORCH_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
+    silence_expected_megatron_noise()
 
 
 def checkpoint_line(step: int, path, seconds: Optional[float]) -> str:

@@ -31,7 +31,10 @@ def _quiet() -> None:
 def run(config: Optional[str], overrides: list[str], nproc: int = 1,
         resume: Optional[str] = None) -> int:
     from megamor import errors
+    from megamor.console import quiet_library_notices
     from megamor.launch.local import relaunch, under_launcher
+
+    quiet_library_notices()  # before torch and megatron load (the Slurm launcher calls run())
 
     overrides = list(overrides) + ([f"checkpoint.resume={resume}"] if resume else [])
     launched = under_launcher()
