@@ -38,7 +38,7 @@ value (e.g. from the config) winning over both.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 from megamor.layout import Plan
 

@@ -22,7 +22,6 @@ import queue
 import threading
 import time
 import weakref
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np

@@ -11,7 +11,6 @@ gathered token sets are themselves sharded over their token dimension (docs/arch
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.distributed as dist
