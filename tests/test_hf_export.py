@@ -254,4 +254,9 @@ def test_generation_engine_on_a_checkpoint_equals_the_exports_generate(trained, 
         ids = tok(p)["input_ids"]
         assert res.prompt_ids == ids
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=10, min_new_tokens=10, do_sample=False)
-        assert res.tokens == ref[0, len(ids):].tolist(), (kind, p)
+        # The engine stops where the next token would sit past the trained context (the
+        # builtin corpus, and so the tokenizer, differ between Python versions: a prompt may
+        # come close to it); transformers goes on past max_position_embeddings.
+        fits = min(10, engine.context + 1 - len(ids))
+        assert (len(res.tokens), res.finish_reason) == (fits, "length" if fits == 10 else "context")
+        assert res.tokens == ref[0, len(ids):len(ids) + fits].tolist(), (kind, p)
