@@ -40,17 +40,28 @@ def measure(overrides: list[str], seq: int, batch: int, vocab: int = 8192) -> di
     model, _ = build_single_process_model(cfg, vocab, seed=0)
     model.train()
     ids = torch.randint(0, vocab, (batch, seq))
+    got = forward_backward_memory(model, ids)
+    return {k: got[k] for k in ("saved_mib", "peak_rss_mib")}
+
+
+def forward_backward_memory(model, ids) -> dict:
+    """One forward + backward of `model` on `ids` (labels = ids) in this process: `saved_mib`,
+    the distinct activation tensors (weights excluded: not what recompute saves) autograd keeps
+    for backward at the end of the forward (saved_tensors_hooks; exact), and `peak_rss_mib`, the
+    resident-set peak over forward + backward minus the resident size just before (VmHWM after
+    clear_refs 5; not ru_maxrss, which across fork + exec keeps a big parent's size). Also
+    benchmarks/sp_memory.py's per-rank figure."""
+    import torch
+
     seen: dict[int, int] = {}
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
-    def pack(t):  # activations only: weights saved for backward are not what recompute saves
+    def pack(t):
         if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in weights:
             st = t.untyped_storage()
             seen[st.data_ptr()] = st.nbytes()
         return t
 
-    # Peak-RSS counter from here (VmHWM after clear_refs 5). Not ru_maxrss: across fork + exec
-    # it keeps the parent's resident size, which a big parent (benchmarks/perf.py) made the peak.
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_bytes("VmRSS")
@@ -59,7 +70,8 @@ def measure(overrides: list[str], seq: int, batch: int, vocab: int = 8192) -> di
     saved = sum(seen.values())
     loss.backward()
     peak = _status_bytes("VmHWM")
-    return {"saved_mib": saved / 2**20, "peak_rss_mib": (peak - before) / 2**20}
+    return {"saved_mib": saved / 2**20, "peak_rss_mib": (peak - before) / 2**20,
+            "loss": float(loss)}
 
 
 def _status_bytes(field: str) -> int:

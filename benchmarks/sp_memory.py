@@ -29,20 +29,14 @@ import sys
 import tempfile
 import warnings
 
+from recompute_memory import forward_backward_memory  # benchmarks/: the same measurement
+
 KINDS = {
     "vanilla": ["model.arch=vanilla", "model.num_layers=30"],
     "mor_ec": ["model.arch=mor", "routing.type=expert_choice"],
     "mor_tc": ["model.arch=mor", "routing.type=token_choice"],
 }
 SHAPE = ["model.num_attention_heads=8", "model.num_query_groups=4"]
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def rank_main(job: dict) -> None:
@@ -66,30 +60,12 @@ def rank_main(job: dict) -> None:
     model.train()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, job["vocab"], (job["batch"], job["seq"]), generator=g)
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
     rows = []  # tokens per rank entering the first layer: s (no SP) or s / tp
     first = next(iter(model.layers.values()))
     first.register_forward_pre_hook(
         lambda mod, a, kw: rows.append(kw["hidden_states"].shape[0]), with_kwargs=True)
-
-    def pack(t):
-        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in weights:
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
     dist.barrier()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_bytes("VmRSS")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).mean()
-    saved = sum(seen.values())
-    loss.backward()
-    peak = _status_bytes("VmHWM")
-    mine = {"saved_mib": saved / 2**20, "peak_rss_mib": (peak - before) / 2**20,
-            "loss": float(loss), "rows": rows[0]}
+    mine = {**forward_backward_memory(model, ids), "rows": rows[0]}
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     if dist.get_rank() == 0:
