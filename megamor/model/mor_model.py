@@ -490,8 +490,8 @@ class MoRModel(LanguageModule):
         if self.rcfg.type == "expert_choice":
             router = self.routers[str(step)]
             reached = sh.full(state.active) > 0.5
-            selected, gate, aux, st = router.route(x, reached, self.capacities[step - 1],
-                                                   not self.training, sh)
+            selected, gate, aux, st = router(x, reached, self.capacities[step - 1],
+                                         not self.training, sh)
             for k, v in st.items():
                 self._stat(f"router/step{step}/{k}", v)
             self._count_positions(step, selected)
@@ -503,7 +503,7 @@ class MoRModel(LanguageModule):
             state.gate = (gate * mine).to(x.dtype)  # fp32 router, activations' dtype
         elif step == 1:
             router = self.routers["1"]
-            depth, gate, probs, logits, counts = router.route(x, self.rcfg.balancing == "loss_free", sh)
+            depth, gate, probs, logits, counts = router(x, self.rcfg.balancing == "loss_free", sh)
             loss = x.new_zeros(())
             if self.rcfg.balancing == "loss":
                 bal = balancing_loss(probs, counts, self.mcfg.num_recursions, self.dp_group, sh)
