@@ -255,9 +255,7 @@ class MoRModel(LanguageModule):
         The last stage's copy already equals the first stage's (same seeded draw), so unlike
         `LanguageModule.setup_embeddings_and_output_layer` no start-up all-reduce is needed. Its
         gradient is summed with the first stage's by `parallel.allreduce_shared_grads`, like any
-        shared-layer copy. It is deliberately not flagged `shared_embedding`: that flag gives it a
-        bucket of its own in megatron's DDP, whose padding megatron's fully-reshardable optimizer
-        checkpoint then mis-slices (optimizer state shifted by the padding; megatron issue 504).
+        shared-layer copy (which also gives it a gradient bucket of its own).
         """
         if self.pre_process:
             self.embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
