@@ -53,7 +53,8 @@ def test_overlap_defaults_on_for_gpu_off_for_cpu():
     assert resolve_overlap(_parallel(), gpu) == (True, True)
     assert resolve_overlap(_parallel(), cpu) == (False, False)
     # Without the distributed optimizer there is no parameter gather to overlap.
-    assert resolve_overlap(_parallel("parallel.use_distributed_optimizer=false"), gpu) == (True, False)
+    no_dist_opt = _parallel("parallel.use_distributed_optimizer=false")
+    assert resolve_overlap(no_dist_opt, gpu) == (True, False)
     # Explicit settings win on either device (gloo runs the asynchronous collectives).
     on = ("parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true")
     off = ("parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=false")

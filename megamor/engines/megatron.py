@@ -5,8 +5,9 @@ schedules (1F1B when pp > 1).
 One step: the schedule calls `_forward_step` per micro-batch (with `overlap_grad_reduce`, each
 gradient bucket's data-parallel reduction starts in the last micro-batch's backward) -> grad
 finalisation (`_finalize_grads`: the data-parallel reduction finished, then shared-layer copies
-summed over the stages holding them) -> one all-reduce deciding whether any rank saw a NaN or an infinity
-(megamor/step_health.py; such a step is not applied) -> clip + AdamW step.
+summed over the stages holding them) -> one all-reduce deciding whether any rank saw a NaN or an
+infinity (megamor/step_health.py; such a step is not applied) -> clip + AdamW step (with
+`overlap_param_gather`, the updated weights are gathered during the next forward).
 """
 
 from __future__ import annotations
