@@ -151,24 +151,50 @@ def unwrap_stage(model):
     return get_attr_wrapped_model(model, "shared_embedding_or_output_weight", return_model_obj=True)
 
 
-def allreduce_shared_grads(model, dims: ParallelDims) -> None:
-    """Sum the gradients of weights copied on several stages over the stages that hold them:
-    shared recursion layers, and the embedding tied to the output layer.
-
-    Runs on the local (not yet data-parallel-reduced) `main_grad`s, before megatron's
-    `finalize_model_grads`; both reductions are sums, so their order does not matter, and doing
-    this one first keeps it independent of how the distributed optimizer shards the buffers.
-    """
+def cross_stage_params(model, dims: ParallelDims) -> list[tuple[object, list]]:
+    """The weights copied on several pipeline stages, per group of the stages holding them:
+    shared recursion layers, and the embedding tied to the output layer. [(group, params)],
+    params in the same order on every stage of a group."""
     inner = unwrap_stage(model)
     per_group: dict[int, tuple[object, list]] = {}
     if dims.embedding_group is not None:
         w = inner.shared_embedding_or_output_weight()
-        per_group[id(dims.embedding_group)] = (dims.embedding_group, [getattr(w, "main_grad", w.grad)])
+        per_group[id(dims.embedding_group)] = (dims.embedding_group, [w])
     for u, group in dims.shared_layer_groups.items():
         layer = inner.layers[str(u)]
-        grads = [getattr(p, "main_grad", p.grad) for p in layer.parameters() if p.requires_grad]
-        per_group.setdefault(id(group), (group, []))[1].extend(g for g in grads if g is not None)
-    for group, grads in per_group.values():
+        per_group.setdefault(id(group), (group, []))[1].extend(
+            p for p in layer.parameters() if p.requires_grad)
+    return list(per_group.values())
+
+
+def bucket_cross_stage_params_alone(model, dims: ParallelDims) -> None:
+    """Before megatron's DDP is built: every weight copied on several stages gets a gradient
+    bucket of its own (megatron's `shared_embedding` flag, which does only that, and only with
+    the distributed optimizer), so that its data-parallel shards are the same slices on every
+    stage holding a copy (`allreduce_shared_grads`)."""
+    for _, params in cross_stage_params(model, dims):
+        for p in params:
+            p.shared_embedding = True
+
+
+def allreduce_shared_grads(model, dims: ParallelDims) -> None:
+    """Sum the gradients of weights copied on several stages over the stages that hold them
+    (`cross_stage_params`).
+
+    Runs after megatron's data-parallel reduction has finished (`finish_grad_sync`), which with
+    `overlap_grad_reduce` happens bucket by bucket during the backward. Both reductions are
+    sums (DDP's 1/dp scaling is linear), so the result is the same in either order:
+    - all-reduce over data parallel: every rank holds the whole reduced gradient; summing it over
+      the stages is the sum over stages and data-parallel ranks.
+    - distributed optimizer (reduce-scatter): data-parallel rank r holds the reduced values of
+      the r-th shard of each bucket only, and only that shard is read by the optimizer. Each
+      copied weight is alone in its bucket (`bucket_cross_stage_params_alone`), at the bucket's
+      start, and the bucket is padded by the same rule on every stage, so shard r covers the same
+      slice of the weight on every stage; the ranks summed here (one pipeline) share r. The
+      other slices hold this rank's unreduced gradients and are summed to no use.
+    """
+    for group, params in cross_stage_params(model, dims):
+        grads = [g for g in (getattr(p, "main_grad", p.grad) for p in params) if g is not None]
         flat = torch._utils._flatten_dense_tensors(grads)
         dist.all_reduce(flat, group=group)
         for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):

@@ -25,8 +25,10 @@ uses) at an assumed achievable fraction of peak, plus its tensor-parallel all-re
 sequence parallelism the same volume as all-gathers and reduce-scatters, plus a routed model's
 exchange of each step's token set) and pipeline send/receive per micro-batch (s / tp rows per
 rank under sequence parallelism); the 1F1B pipeline sum(c_p) + (m - 1) max(c_p); then the
-data-parallel gradient reduce-scatter + parameter all-gather and the all-reduce of shared-layer
-copies across stages (the trainer does not overlap them with compute), and the optimizer step
+data-parallel gradient reduce-scatter + parameter all-gather, only the part that overlap does not
+hide (`exposed_dp_comm`; in full with --no-overlap and for the DeepSpeed engines), the all-reduce
+of shared-layer copies across stages (after the data-parallel reduction, not hidden), and the
+optimizer step
 (memory bound). Bandwidths are per GPU; a group is intra-node when its ranks share a node
 (megatron's rank order: tensor fastest, then data, then pipeline).
 """
@@ -260,8 +262,27 @@ def activation_bytes(cfg: Config, plan, ranges, stage: int, mbs: int, seq: int, 
     return saved
 
 
+def exposed_dp_comm(rs: float, ag: float, params: float, stage: int, dp: int,
+                    micro_step_s: float) -> float:
+    """The part of stage `stage`'s data-parallel gradient reduce-scatter (`rs` s) and parameter
+    all-gather (`ag` s) that overlap (parallel.overlap_grad_reduce / overlap_param_gather, on
+    by default on GPUs) does not hide. megatron's DDP splits the first stage's buffer into
+    buckets of max(40M, 1M x dp) parameters: each bucket's reduce-scatter starts when the last
+    micro-batch's backward has produced its gradients (hidden behind the rest of that backward,
+    ~2/3 of a micro-step), each bucket's all-gather is waited for by the next step's first
+    forward before the bucket's first use (hidden behind that forward, ~1/3), and the last
+    bucket to be ready is never hidden. Later stages hold one bucket (megatron turns bucketing
+    off there): their reduce-scatter runs while the `stage` stages before them finish their
+    backward, their all-gather is waited for before their first forward."""
+    if stage == 0:
+        last = min(1.0, max(40e6, 1e6 * dp) / max(params, 1.0))
+        return max(rs - 2 * micro_step_s / 3, rs * last) + max(ag - micro_step_s / 3, ag * last)
+    return max(0.0, rs - stage * 2 * micro_step_s / 3) + ag
+
+
 def predict(cfg: Config, layout: Layout, seq: int, gbs: int, cluster: Cluster,
-            vocab: int | None = None, precision: str = "bf16") -> Prediction:
+            vocab: int | None = None, precision: str = "bf16",
+            overlap: bool = True) -> Prediction:
     """Memory and step time of one layout (see the module docstring for the model)."""
     m = cfg.model
     vocab = vocab or m.vocab_size
@@ -337,9 +358,17 @@ def predict(cfg: Config, layout: Layout, seq: int, gbs: int, cluster: Cluster,
     pipeline = sum(stage_time) + (num_micro - 1) * max(stage_time)
     compute_only = num_micro * max(stage_time)
     n_max = max(params)
-    dp_comm = 0.0
+    dp_comm = dp_total = 0.0
     if dp > 1:
-        dp_comm = (dp - 1) / dp * n_max * (4 + w_b) / dp_bw  # fp32 grad reduce-scatter + param gather
+        # fp32 grad reduce-scatter + param gather, per stage
+        rs = [(dp - 1) / dp * n * 4 / dp_bw for n in params]
+        ag = [(dp - 1) / dp * n * w_b / dp_bw for n in params]
+        dp_total = max(r + g for r, g in zip(rs, ag))
+        if layout.engine == "megatron" and overlap:
+            dp_comm = max(exposed_dp_comm(rs[p], ag[p], params[p], p, dp, stage_time[p])
+                          for p in range(pp))
+        else:
+            dp_comm = dp_total
         if layout.engine == "zero3":
             dp_comm += num_micro * 2 * (dp - 1) / dp * n_max * w_b / dp_bw
     shared = 0.0
@@ -358,7 +387,8 @@ def predict(cfg: Config, layout: Layout, seq: int, gbs: int, cluster: Cluster,
     usable = cluster.gpu_memory_gb * cluster.usable_memory
     return Prediction(layout=layout, memory=worst, step_s=step,
                       parts={"pipeline": pipeline, "bubble": pipeline - compute_only,
-                             "dp": dp_comm, "shared": shared, "optimizer": optimizer},
+                             "dp": dp_comm, "dp_total": dp_total, "shared": shared,
+                             "optimizer": optimizer},
                       mfu=mfu, tokens_per_s=gbs * seq / step,
                       stage_balance=useful_fraction(loads), fits=worst["total"] <= usable,
                       sizes=sizes)
@@ -397,12 +427,12 @@ def candidates(cfg: Config, seq: int, gbs: int, cluster: Cluster, engines=ENGINE
 
 
 def rank(cfg: Config, seq: int, gbs: int, cluster: Cluster, precision: str = "bf16",
-         engines=ENGINES, vocab: int | None = None) -> list[Prediction]:
+         engines=ENGINES, vocab: int | None = None, overlap: bool = True) -> list[Prediction]:
     """Predictions for every candidate; those that fit first, fastest first (then less memory)."""
     cluster.validate()
     cfg = copy.deepcopy(cfg)
     cfg.model.seq_length = seq
-    preds = [predict(cfg, lay, seq, gbs, cluster, vocab, precision)
+    preds = [predict(cfg, lay, seq, gbs, cluster, vocab, precision, overlap)
              for lay in candidates(cfg, seq, gbs, cluster, engines)]
     if not preds:
         raise ConfigError(
@@ -439,8 +469,8 @@ COLUMNS = (
     "recompute = activation recomputation; engine = optimizer engine; sp = sequence parallel | "
     "GiB per GPU on the fullest pipeline stage: weights, grads, optim (optimizer state), activ "
     "(activations of the micro-batches in flight), total | step s = predicted step time; "
-    "bubble = pipeline idle time in it; dp+sh s = data-parallel gradient sync and shared-layer "
-    "all-reduce in it (not overlapped); MFU = model FLOPs / (GPUs x peak); tok/s = tokens per "
+    "bubble = pipeline idle time in it; dp+sh s = the data-parallel gradient sync that overlap "
+    "does not hide, and the shared-layer all-reduce, in it; MFU = model FLOPs / (GPUs x peak); tok/s = tokens per "
     "second, all GPUs; balance = useful fraction of the pipeline cut (1: even); fits = total "
     "within the usable memory")
 
@@ -495,7 +525,8 @@ def cmd_plan(args) -> int:
             raise ConfigError(f"--engines: unknown {', '.join(bad)} (known: {', '.join(ENGINES)}, all)")
         if seq < 1 or gbs < 1:
             raise ConfigError(f"--seq={seq} and --gbs={gbs} must be >= 1")
-        preds = rank(cfg, seq, gbs, cluster, args.precision, engines)
+        preds = rank(cfg, seq, gbs, cluster, args.precision, engines,
+                     overlap=not args.no_overlap)
     except ConfigError as e:
         sys.exit(f"megamor: plan error: {e}")
     m = cfg.model
@@ -545,5 +576,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--intra-node-gbs", type=float, default=d.intra_node_gbs)
     p.add_argument("--inter-node-gbs", type=float, default=d.inter_node_gbs)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--no-overlap", action="store_true",
+                   help="charge the data-parallel gradient sync in full, as for a run with "
+                        "parallel.overlap_grad_reduce=false overlap_param_gather=false")
     p.add_argument("overrides", nargs="*", help="section.option=value")
     p.set_defaults(fn=cmd_plan)

@@ -37,6 +37,13 @@ apex Adam alike):
    where sizes agree, swaps states silently. The numbering is rebuilt in the optimizer's order
    (megatron-core 0.16.1 and 0.19.2 alike; `tests/test_bf16_program.py` resumes bitwise through
    it).
+8. Fully-reshardable save with several gradient buckets per buffer (overlapped gradient
+   reduction; a bucket of its own for each weight summed across pipeline stages): megatron
+   gathers each bucket's optimizer state without its end padding, concatenated, but slices
+   parameters out of that by their positions in the padded buffer, so every parameter after the
+   first bucket is saved shifted by the padding before it (megatron's own TODO, "issue #504").
+   The gathered state is laid out at the padded positions before it is sliced. With one bucket
+   per buffer the two layouts coincide. tests/test_overlap.py resumes across such layouts.
 
 The CUDA shims (1-3) do not run when CUDA is available. `tests/test_shims.py` shows that the megatron calls
 behind 1-3 fail without these shims and work with them.
@@ -239,4 +246,49 @@ def install_optimizer_fixes() -> None:
             _number_params_in_optimizer_order(self)
 
     cls.__init__ = numbered_init
+    _fix_fully_reshardable_bucket_padding(cls)
     _GROUPS_FIXED = True
+
+
+def _padded_world_tensors(optimizer, state: dict) -> dict:
+    """Fix 8: `get_parameter_state_dp_zero`'s world tensors (buckets concatenated without
+    their end padding) laid out at the buckets' offsets in the padded buffer."""
+    for gbuf_idx, by_dtype in enumerate(optimizer.gbuf_ranges):
+        buffer = optimizer.buffers[gbuf_idx]
+        padded = buffer.grad_data.numel()
+        for dtype in by_dtype:
+            world = state[gbuf_idx][dtype]
+            for key in ("param", "exp_avg", "exp_avg_sq"):
+                t = world.get(key)
+                if t is None or t.numel() == padded:
+                    continue
+                out = t.new_zeros(padded)
+                src = 0
+                for bucket in buffer.buckets:
+                    n = bucket.numel_unpadded
+                    out[bucket.offset:bucket.offset + n] = t[src:src + n]
+                    src += n
+                assert src == t.numel(), (src, t.numel())
+                world[key] = out
+    return state
+
+
+def _fix_fully_reshardable_bucket_padding(cls) -> None:
+    save = cls.sharded_param_state_fully_reshardable
+    gather = cls.get_parameter_state_dp_zero
+
+    def sharded_param_state_fully_reshardable(self, *args, **kwargs):
+        self._megamor_padded_world = True
+        try:
+            return save(self, *args, **kwargs)
+        finally:
+            self._megamor_padded_world = False
+
+    def get_parameter_state_dp_zero(self, *args, **kwargs):
+        state = gather(self, *args, **kwargs)
+        if state is not None and getattr(self, "_megamor_padded_world", False):
+            state = _padded_world_tensors(self, state)
+        return state
+
+    cls.sharded_param_state_fully_reshardable = sharded_param_state_fully_reshardable
+    cls.get_parameter_state_dp_zero = get_parameter_state_dp_zero

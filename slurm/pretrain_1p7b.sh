@@ -2,17 +2,15 @@
 # megamor: pretrain the 1p7b MoR model on H100 nodes (8 GPUs each).
 #   sbatch slurm/pretrain_1p7b.sh [section.option=value ...]        (from the megamor checkout)
 #   slurm/submit.sh slurm/pretrain_1p7b.sh [...]                    (MEGAMOR_* overrides the headers)
-# Layout: 8 node(s) x 8 GPUs = 64 ranks, tp 2 x pp 1 -> dp 32; fp8; micro-batch 4, global batch 256
+# Layout: 8 node(s) x 8 GPUs = 64 ranks, tp 1 x pp 1 -> dp 64; fp8; micro-batch 4, global batch 256
 #   sequences of 2048 tokens (~0.5M tokens per step).
 # Why (`megamor plan --preset 1p7b --nodes 8`, docs/performance.md): everything fits at pp 1
-# (10.8 GiB predicted per GPU at micro-batch 4), and a pipeline adds a bubble and copies of the
-# shared block. tp 2 inside a node (NVLink) halves the parameters per rank, and with them the
-# data-parallel gradient sync the trainer does not overlap: 0.193 s predicted per step against
-# 0.238 s at tp 1; tp 4 is within 1% (the planner's first) with half-size GEMM shards. tp 2 does
-# not halve activations (the norms' 4h per token stay whole: 0.6x); sequence parallelism would
-# split them too (parallel.sequence_parallel=true: 8.5 -> 7.3 GiB) but is off: memory does not
-# bind here (docs/cluster.md). Micro-batch 4: the planner's step time does not depend on it; it
-# fits with 6x headroom.
+# (19.0 GiB predicted per GPU at micro-batch 4), and a pipeline adds a bubble and copies of the
+# shared block. The data-parallel gradient sync is overlapped with the backward and forward
+# (parallel.overlap_grad_reduce / overlap_param_gather, on by default on GPUs), so pure data
+# parallel is fastest: 0.133 s predicted per step (51% MFU) against 0.143 s at tp 2, the default
+# while the sync was not overlapped (then 0.193 s). Sequence parallelism needs tp > 1; memory
+# does not bind here (docs/cluster.md). Micro-batch 4: it fits with 3x headroom.
 # FP8: hidden 2048 / ffn 8192 GEMMs gain most from FP8 tensor cores; fp32 master weights.
 # Every #SBATCH line can be overridden on the sbatch command line (or by slurm/submit.sh from
 # MEGAMOR_NODES, MEGAMOR_PARTITION, MEGAMOR_TIME, ...); everything below from MEGAMOR_* variables
@@ -32,7 +30,7 @@
 #SBATCH --error=logs/%x-%j.out
 
 MEGAMOR_PRESET=${MEGAMOR_PRESET:-1p7b}
-DEFAULT_TP=2
+DEFAULT_TP=1
 DEFAULT_PP=1
 DEFAULT_PRECISION=fp8
 DEFAULT_MBS=4

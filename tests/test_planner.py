@@ -18,7 +18,7 @@ from megamor.config import load_config
 from megamor.flops import LAYER_OVERHEAD, pipeline_costs
 from megamor.layout import (StageCosts, balanced_cut, build_plan, circular_loads,
                                   stage_ranges, useful_fraction)
-from megamor.planner import Cluster, Layout, predict, rank
+from megamor.planner import Cluster, Layout, exposed_dp_comm, predict, rank
 
 # A shape where matmuls dominate a CPU step; vocabulary 4096 makes the output layer weigh
 # ~1.3 layers on the last stage, like 1p7b's (~1.4).
@@ -149,6 +149,26 @@ def test_ranking_is_sane():
     assert by[Layout(1, 2, 8, 4)].parts["bubble"] > 0 == by[base].parts["bubble"]
     # A bigger GPU fits at least as many layouts.
     assert sum(p.fits for p in rank(cfg, 2048, 256, Cluster(nodes=2, gpu_memory_gb=20))) < len(fitting)
+
+
+def test_overlap_charges_only_the_data_parallel_sync_it_does_not_hide():
+    cfg = load_config(None, ["model.preset=1p7b"])
+    cluster = Cluster(nodes=8)
+    for lay in (Layout(1, 1, 64, 4), Layout(2, 1, 32, 4), Layout(2, 2, 16, 4)):
+        on = predict(cfg, lay, 2048, 256, cluster)
+        off = predict(cfg, lay, 2048, 256, cluster, overlap=False)
+        assert off.parts["dp"] == off.parts["dp_total"] == on.parts["dp_total"] > 0
+        assert 0 < on.parts["dp"] < off.parts["dp"]
+        assert off.step_s - on.step_s == pytest.approx(off.parts["dp"] - on.parts["dp"])
+        assert on.parts["shared"] == off.parts["shared"]  # after the reduction: never hidden
+    zero = Layout(1, 1, 64, 4, "none", "zero2")  # DeepSpeed: charged in full
+    assert predict(cfg, zero, 2048, 256, cluster).parts["dp"] == \
+        predict(cfg, zero, 2048, 256, cluster, overlap=False).parts["dp"]
+    # No compute to hide behind: all of it shows; ample compute: the first stage's last bucket
+    # (40M of 400M parameters) shows; a later stage's single bucket: its gather shows.
+    assert exposed_dp_comm(1.0, 0.5, 400e6, 0, 8, 0.0) == 1.5
+    assert exposed_dp_comm(1.0, 0.5, 400e6, 0, 8, 100.0) == pytest.approx(0.15)
+    assert exposed_dp_comm(1.0, 0.5, 400e6, 1, 8, 100.0) == 0.5
 
 
 def test_plan_cli_prints_a_table_and_rejects_bad_input(capsys):

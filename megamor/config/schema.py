@@ -82,6 +82,11 @@ class ParallelConfig:
     data_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
+    # megatron engine: the data-parallel gradient reduction runs during the backward, bucket by
+    # bucket (overlap_grad_reduce), and the distributed optimizer's parameter all-gather during
+    # the next forward (overlap_param_gather). null: on when the device is a GPU.
+    overlap_grad_reduce: Optional[bool] = None
+    overlap_param_gather: Optional[bool] = None
     pipeline_layers: Optional[list] = None  # unrolled layers per stage; default: cost-balanced
     # Training engine: megatron (DDP + distributed optimizer, TP/PP/DP) | deepspeed (ZeRO over
     # data parallel, TP through megatron's groups, no PP). docs/engines.md compares them.

@@ -163,6 +163,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         )
     if p.sequence_parallel:
         _validate_sequence_parallel(m, t, tp)
+    if p.overlap_param_gather and not p.use_distributed_optimizer:
+        raise ConfigError("parallel.overlap_param_gather=true needs "
+                          "parallel.use_distributed_optimizer=true (without it every rank keeps "
+                          "all parameters and there is nothing to gather)")
     _validate_engine(cfg)
     if world_size is not None:
         if world_size % (tp * pp):
@@ -268,6 +272,10 @@ def _validate_engine(cfg: Config) -> None:
     if p.sequence_parallel:
         raise ConfigError("parallel.sequence_parallel needs parallel.engine=megatron (DeepSpeed "
                           "does not reduce the sequence-parallel norm gradients)")
+    if p.overlap_grad_reduce or p.overlap_param_gather:
+        raise ConfigError("parallel.overlap_grad_reduce / parallel.overlap_param_gather apply to "
+                          "parallel.engine=megatron; DeepSpeed's own overlap is overlap_comm "
+                          "(set it in parallel.deepspeed_config)")
     if p.offload_params != "none" and p.zero_stage != 3:
         raise ConfigError(f"parallel.offload_params={p.offload_params} needs "
                           f"parallel.zero_stage=3 (is {p.zero_stage})")

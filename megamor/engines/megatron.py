@@ -2,14 +2,17 @@
 buffer), its optimizer (distributed over data parallel by default) and its forward/backward
 schedules (1F1B when pp > 1).
 
-One step: the schedule calls `_forward_step` per micro-batch -> grad finalisation
-(`_finalize_grads`: shared-layer copies summed over the stages holding them, then megatron's
-data-parallel reduction) -> one all-reduce deciding whether any rank saw a NaN or an infinity
-(megamor/step_health.py; such a step is not applied) -> clip + AdamW step.
+One step: the schedule calls `_forward_step` per micro-batch (with `overlap_grad_reduce`, each
+gradient bucket's data-parallel reduction starts in the last micro-batch's backward) -> grad
+finalisation (`_finalize_grads`: the data-parallel reduction finished, then shared-layer copies
+summed over the stages holding them) -> one all-reduce deciding whether any rank saw a NaN or an
+infinity (megamor/step_health.py; such a step is not applied) -> clip + AdamW step (with
+`overlap_param_gather`, the updated weights are gathered during the next forward).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -66,14 +69,13 @@ class MegatronEngine(Engine):
             self.reload_weights()
 
     def wrap_data_parallel(self, module: torch.nn.Module) -> torch.nn.Module:
-        """The one place data parallelism is configured: megatron's DDP with an fp32 gradient
-        buffer (reduce-scattered for the distributed optimizer), reduced after the last
-        micro-batch (no overlap with backward)."""
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        ddp_cfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-            use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer)
-        return DistributedDataParallel(self.tcfg, ddp_cfg, module)
+        """The one place data parallelism is configured: megatron's DDP (`ddp_config`), with
+        every weight copied on several pipeline stages in a gradient bucket of its own
+        (parallel.allreduce_shared_grads says why)."""
+        from megatron.core.distributed import DistributedDataParallel
+        parallel.bucket_cross_stage_params_alone(module, self.dims)
+        return DistributedDataParallel(self.tcfg, ddp_config(self.cfg.parallel, self.device),
+                                       module)
 
     def reload_weights(self) -> None:
         """After `checkpoint.init_from` wrote the stage's weights: the optimizer's main (fp32)
@@ -82,11 +84,27 @@ class MegatronEngine(Engine):
 
     def _finalize_grads(self, model_list, num_tokens=None, pg_collection=None,
                         force_all_reduce=False):
+        """megatron's `finalize_model_grads` with the cross-stage sum of shared copies between
+        its data-parallel reduction (`finish_grad_sync`, which waits for the buckets reduced
+        during the backward under overlap) and the rest (sequence-parallel norm grads over TP,
+        per-token scaling)."""
         from megatron.core.distributed import finalize_model_grads
         self.ctx.progress.enter("grad_sync", self._step)
+        for chunk in model_list:
+            chunk.finish_grad_sync(force_all_reduce=force_all_reduce)
         parallel.allreduce_shared_grads(self.model, self.dims)
-        return finalize_model_grads(model_list, num_tokens, pg_collection=self._finalize_groups,
-                                    force_all_reduce=force_all_reduce)
+        with _grad_sync_finished(model_list):
+            return finalize_model_grads(model_list, num_tokens,
+                                        pg_collection=self._finalize_groups,
+                                        force_all_reduce=force_all_reduce)
+
+    def sync_params(self) -> None:
+        """With `overlap_param_gather`, the distributed optimizer's step updates only this
+        rank's shard of the weights; the rest arrive bucket by bucket in the next forward
+        (megatron's forward pre-hooks, before each module's first call). Whatever reads the
+        weights outside a forward (a checkpoint save) gathers them first."""
+        if self.model.ddp_config.overlap_param_gather:
+            self.model.start_param_sync(force_sync=True)
 
     # ------------------------------------------------------------------ one step
 
@@ -166,6 +184,8 @@ class MegatronEngine(Engine):
     # ------------------------------------------------------------------ checkpoint state
 
     def sharded_state_dict(self, is_loading: bool) -> dict:
+        if not is_loading:
+            self.sync_params()
         model_sd = self.stage.sharded_state_dict()
         if self.cfg.parallel.use_distributed_optimizer:
             opt_sd = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
@@ -178,3 +198,38 @@ class MegatronEngine(Engine):
         loaded = read_shards(self.sharded_state_dict(is_loading=True))
         self.stage.load_state_dict(loaded["model"], strict=True)
         self.optimizer.load_state_dict(loaded["optimizer"])
+
+
+def resolve_overlap(p, device: torch.device) -> tuple[bool, bool]:
+    """(overlap_grad_reduce, overlap_param_gather) of a run: as configured, or, left unset (null),
+    on when the device is a GPU (the parameter gather only with the distributed optimizer)."""
+    gpu = device.type == "cuda"
+    grad = gpu if p.overlap_grad_reduce is None else bool(p.overlap_grad_reduce)
+    gather = (gpu and p.use_distributed_optimizer) if p.overlap_param_gather is None \
+        else bool(p.overlap_param_gather)
+    return grad, gather
+
+
+def ddp_config(p, device: torch.device):
+    """megatron's DistributedDataParallelConfig for `parallel` config `p` on `device`: fp32
+    gradient buffer, reduce-scattered for the distributed optimizer, reduced during the backward
+    and gathered during the forward per `resolve_overlap`."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    grad, gather = resolve_overlap(p, device)
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=grad, overlap_param_gather=gather,
+        use_distributed_optimizer=p.use_distributed_optimizer)
+
+
+@contextmanager
+def _grad_sync_finished(model_list):
+    """megatron's `finalize_model_grads` starts with each chunk's `finish_grad_sync`; run
+    already (`MegatronEngine._finalize_grads`), a second call would reduce again (no overlap) or
+    find no handle (overlap). It is a no-op inside this context."""
+    for chunk in model_list:
+        chunk.finish_grad_sync = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        for chunk in model_list:
+            del chunk.finish_grad_sync

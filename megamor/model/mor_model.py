@@ -255,9 +255,7 @@ class MoRModel(LanguageModule):
         The last stage's copy already equals the first stage's (same seeded draw), so unlike
         `LanguageModule.setup_embeddings_and_output_layer` no start-up all-reduce is needed. Its
         gradient is summed with the first stage's by `parallel.allreduce_shared_grads`, like any
-        shared-layer copy. It is deliberately not flagged `shared_embedding`: that flag gives it a
-        bucket of its own in megatron's DDP, whose padding megatron's fully-reshardable optimizer
-        checkpoint then mis-slices (optimizer state shifted by the padding; megatron issue 504).
+        shared-layer copy (which also gives it a gradient bucket of its own).
         """
         if self.pre_process:
             self.embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
@@ -490,8 +488,8 @@ class MoRModel(LanguageModule):
         if self.rcfg.type == "expert_choice":
             router = self.routers[str(step)]
             reached = sh.full(state.active) > 0.5
-            selected, gate, aux, st = router.route(x, reached, self.capacities[step - 1],
-                                                   not self.training, sh)
+            selected, gate, aux, st = router(x, reached, self.capacities[step - 1],
+                                         not self.training, sh)
             for k, v in st.items():
                 self._stat(f"router/step{step}/{k}", v)
             self._count_positions(step, selected)
@@ -503,7 +501,7 @@ class MoRModel(LanguageModule):
             state.gate = (gate * mine).to(x.dtype)  # fp32 router, activations' dtype
         elif step == 1:
             router = self.routers["1"]
-            depth, gate, probs, logits, counts = router.route(x, self.rcfg.balancing == "loss_free", sh)
+            depth, gate, probs, logits, counts = router(x, self.rcfg.balancing == "loss_free", sh)
             loss = x.new_zeros(())
             if self.rcfg.balancing == "loss":
                 bal = balancing_loss(probs, counts, self.mcfg.num_recursions, self.dp_group, sh)

@@ -331,6 +331,13 @@ class Fp32Router(nn.Module):
         self._fp32_buffers()  # load fp32 values into fp32 buffers
         return super()._load_from_state_dict(*args, **kwargs)
 
+    def forward(self, *args, **kwargs):
+        """`route`, called through the module (`router(...)`) so that forward pre-hooks run
+        before the weights are read: megatron's DDP waits there for the parameter all-gather
+        under parallel.overlap_param_gather (with a bare `route` call, a router would read
+        weights still being gathered and leave their gather pending into the next step)."""
+        return self.route(*args, **kwargs)
+
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., h] (any dtype) @ weight^T in fp32."""
         return x.float() @ self.weight.float().t()

@@ -113,7 +113,10 @@ def main():
     root, out = Path(args.root), {}
     common = [*args.overrides, "tracking.enabled=false", "tracking.depth_map_interval=0",
               "tracking.peak_flops=1e12",
-              "checkpoint.save_on_signal=false", "train.log_interval=5"]
+              "checkpoint.save_on_signal=false", "train.log_interval=5",
+              # a GPU run's default (megamor.engines.megatron.resolve_overlap): overlapped
+              # gradient reduction and parameter gather
+              "parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]
 
     seconds, t0 = {}, time.perf_counter()
 
