@@ -115,7 +115,8 @@ def silence_expected_megatron_noise() -> None:
 # Notices that libraries print on every run of a megamor command and that say nothing to its
 # user: a CPU machine has no CUDA runtime; megatron-core 0.19's migration and deprecation notices
 # about how megamor calls it (spec wrapping, DDP layout computed inside DDP, its own async save);
-# torch's notes that a checkpoint is read in one process, which is what megamor asks for there.
+# torch's notes that a checkpoint is read in one process, which is what megamor asks for there;
+# MLflow's notes that it creates a run's local database.
 _LIBRARY_NOTICES = {
     "megatron.core.transformer.transformer_layer": r"Rewrapping ModuleSpec with module",
     "megatron.core.distributed.distributed_data_parallel": r"full_param_layout not provided",
@@ -139,6 +140,7 @@ def quiet_library_notices() -> None:
     else those loggers say still gets through). Called before torch or megatron is imported by
     every entry point (the CLI, `megamor.pretrain.run`): torch logs its CUDA notice at import."""
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime"
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # creating its tables
     for name, pattern in _LIBRARY_NOTICES.items():
         log = logging.getLogger(name)
         if not any(isinstance(f, _Notice) for f in log.filters):
