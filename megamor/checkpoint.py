@@ -43,9 +43,8 @@ from typing import Any, Optional, Protocol
 import torch
 import torch.distributed as dist
 
-from megamor.checkpoint_meta import (META, SHAPE_FIELDS, CheckpointError,  # noqa: F401
-                                     check_compatible, identity, read_meta)
-from megamor.lifecycle import EXIT_PREEMPTED  # noqa: F401 (re-exported)
+from megamor.checkpoint_meta import (META, CheckpointError, check_compatible,  # noqa: F401
+                                     identity, read_meta)
 
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -161,6 +160,44 @@ def previous_hint(path: Path) -> str:
         return (f"resume from the previous checkpoint with `megamor pretrain ... --resume "
                 f"{older[0]}` (or --resume auto, which skips checkpoints that fail verification)")
     return "no earlier checkpoint of this run is intact"
+
+
+def pick_checkpoint(resume: str, root: Path, problem, on_skip=None) -> Optional[Path]:
+    """The checkpoint `checkpoint.resume` selects under `root`: the first candidate
+    (`resume_candidates`) for which `problem(path)` (`quick_problem` before the ranks start,
+    `full_problem` in them) finds nothing. An explicit checkpoint with a problem stops with how
+    to resume from the previous one; `auto` tells `on_skip(path, problem)` of each one it passes
+    over and stops when none is intact. None: `auto` found no checkpoint (a fresh start)."""
+    candidates, explicit = resume_candidates(resume, root)
+    first = None
+    for cand in candidates:
+        found = problem(cand)
+        if found is None:
+            return cand
+        if explicit:
+            raise CheckpointError(f"{found}; {previous_hint(cand)}")
+        first = first or found
+        if on_skip is not None:
+            on_skip(cand, found)
+    if candidates:
+        raise CheckpointError(
+            f"no intact checkpoint under {candidates[0].parent} (the newest: {first}): restore "
+            f"one, or start a new run with checkpoint.new_lineage=true")
+    return None
+
+
+def claim_root(root: Path, resumed: Optional[Path], new_lineage: bool) -> tuple[Optional[str], list]:
+    """The lineage of `resumed` (None: a fresh start) and the other runs' checkpoints under
+    `root` (megamor/lineage.py); those stop the run (an output error naming them and the ways
+    out) unless `new_lineage` will move them aside."""
+    from megamor import lineage
+    from megamor.errors import PreflightError
+
+    own = lineage.lineage_of(read_meta(resumed)) if resumed is not None else None
+    others = lineage.foreign(root, own)
+    if others and not new_lineage:
+        raise PreflightError("output", lineage.ownership_error(root, others, resumed))
+    return own, others
 
 
 def resolve_resume(resume: Optional[str], root: Path) -> Optional[Path]:
@@ -308,29 +345,16 @@ class Checkpointer:
         with one line naming the file; an explicit checkpoint that fails stops with one line
         and how to resume from the previous one."""
         from megamor import lineage
-        from megamor.errors import PreflightError
 
         rank0 = dist.get_rank() == 0
-        path = None
-        if resume is not None:
-            candidates, explicit = resume_candidates(resume, self.root)
-            for cand in candidates:
-                problem = full_problem(cand)
-                if problem is None:
-                    path = cand
-                    break
-                if explicit:
-                    raise CheckpointError(f"{problem}; {previous_hint(cand)}")
-                if rank0:
-                    print(f"megamor: checkpoint {cand} skipped: {problem}", flush=True)
-            if path is None and candidates:
-                raise CheckpointError(
-                    f"no intact checkpoint under {candidates[0].parent} (each was skipped, see "
-                    f"above): restore one, or start a new run with checkpoint.new_lineage=true")
-        own = lineage.lineage_of(read_meta(path)) if path is not None else None
-        others = lineage.foreign(self.root, own)
-        if others and not new_lineage:
-            raise PreflightError("output", lineage.ownership_error(self.root, others, path))
+
+        def skipped(cand: Path, problem: str) -> None:
+            if rank0:
+                print(f"megamor: checkpoint {cand} skipped: {problem}", flush=True)
+
+        path = (pick_checkpoint(resume, self.root, full_problem, skipped)
+                if resume is not None else None)
+        own, others = claim_root(self.root, path, new_lineage)
         fresh = [lineage.new_id() if rank0 else None]
         dist.broadcast_object_list(fresh, src=0)
         if others and rank0:

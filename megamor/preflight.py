@@ -44,7 +44,8 @@ def check_before_start(cfg: Config, world_size: Optional[int]) -> list[str]:
     check_output_dirs(cfg)
     tokenizer = check_data(cfg)
     resumed = check_resume(cfg, tokenizer)
-    check_ownership(cfg, resumed)
+    from megamor.checkpoint import claim_root  # no other run's checkpoints in the root
+    claim_root(checkpoint_root(cfg), resumed, cfg.checkpoint.new_lineage)
     if resumed is None:
         check_init_from(cfg, tokenizer)
     return check_free_space(cfg, tokenizer)
@@ -155,44 +156,17 @@ def check_resume(cfg: Config, tokenizer) -> Optional[Path]:
     resume = cfg.checkpoint.resume
     if resume is None:
         return None
-    from megamor.checkpoint import (CheckpointError, check_compatible, previous_hint,
-                                    quick_problem, read_meta, resume_candidates)
+    from megamor.checkpoint import check_compatible, pick_checkpoint, quick_problem, read_meta
     from megamor.schedule import plan_resume, saved_schedule
 
-    candidates, explicit = resume_candidates(resume, checkpoint_root(cfg))
-    path = None
-    for cand in candidates:
-        problem = quick_problem(cand)
-        if problem is None:
-            path = cand
-            break
-        if explicit:
-            raise CheckpointError(f"{problem}; {previous_hint(cand)}")
+    path = pick_checkpoint(resume, checkpoint_root(cfg), quick_problem)
     if path is None:
-        if candidates:
-            raise CheckpointError(f"no intact checkpoint under {candidates[0].parent}: "
-                                  f"{quick_problem(candidates[0])}")
         return None  # auto, nothing saved yet: a fresh start
     meta = read_meta(path)
     check_compatible(meta, cfg, tokenizer, cfg.parallel.engine, path=path)
     saved, state = saved_schedule(path, meta)
     plan_resume(saved, state, cfg.train, meta["step"], path)
     return path
-
-
-def check_ownership(cfg: Config, resumed: Optional[Path]) -> None:
-    """The checkpoint root holds no other run's checkpoints (megamor/lineage.py), unless
-    `checkpoint.new_lineage` will move them aside."""
-    from megamor import lineage
-    from megamor.checkpoint import read_meta
-
-    if cfg.checkpoint.new_lineage:
-        return
-    root = checkpoint_root(cfg)
-    own = lineage.lineage_of(read_meta(resumed)) if resumed is not None else None
-    others = lineage.foreign(root, own)
-    if others:
-        raise PreflightError("output", lineage.ownership_error(root, others, resumed))
 
 
 def check_init_from(cfg: Config, tokenizer) -> None:

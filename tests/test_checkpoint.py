@@ -415,3 +415,27 @@ def test_pieces_of_the_guarantees():
     c = InterruptCounter()
     assert not c.second(now=100.0) and not c.second(now=100.000004)  # one keypress, twice
     assert c.second(now=100.0 + SECOND_INTERRUPT_AFTER_S)
+
+
+def test_pick_checkpoint_falls_back_newest_first_and_says_when_none_is_intact(tmp_path):
+    """The one selection rule of the pre-start checks and the ranks (`problem` differs: sizes
+    there, checksums here): `auto` skips bad checkpoints newest first and stops when none is
+    intact; an explicit bad checkpoint stops at once; nothing saved yet is a fresh start."""
+    from megamor.checkpoint import CheckpointError, pick_checkpoint
+
+    root = tmp_path / "ck"
+    for step in (10, 20, 30):
+        (root / f"step_{step:08d}").mkdir(parents=True)
+    bad = {"step_00000030": "torn", "step_00000020": "checksum differs"}
+    skipped = []
+    got = pick_checkpoint("auto", root, lambda p: bad.get(p.name),
+                          lambda p, why: skipped.append((p.name, why)))
+    assert got == root / "step_00000010"
+    assert skipped == [("step_00000030", "torn"), ("step_00000020", "checksum differs")]
+    with pytest.raises(CheckpointError, match="checksum differs; "):
+        pick_checkpoint(str(root / "step_00000020"), root, lambda p: bad.get(p.name))
+    bad["step_00000010"] = "a file is missing"
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint under .*ck \(the newest: "
+                                              r"torn\).*checkpoint.new_lineage=true"):
+        pick_checkpoint("auto", root, lambda p: bad.get(p.name))
+    assert pick_checkpoint("auto", tmp_path / "nothing_yet", lambda p: "never asked") is None

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megamor import parallel, watchdog
-from megamor.checkpoint import EXIT_PREEMPTED, META, Checkpointer, RunState, atomic_write
+from megamor.checkpoint import META, Checkpointer, RunState, atomic_write
 from megamor.config import Config, save_config
 from megamor.console import (banner, checkpoint_line, mlflow_location, parameter_count,
                              silence_expected_megatron_noise, summary_line)
@@ -34,7 +34,7 @@ from megamor.device import resolve_device
 from megamor.engines import create_engine
 from megamor.engines.base import EngineContext
 from megamor.flops import peak_flops_per_device
-from megamor.lifecycle import PREEMPTED_MARKER, exit_with_launcher
+from megamor.lifecycle import EXIT_PREEMPTED, PREEMPTED_MARKER, exit_with_launcher
 from megamor.model import padded_vocab_size
 from megamor.precision import resolve_precision
 from megamor.preflight import checkpoint_root
