@@ -18,6 +18,17 @@ def builtin_root(tmp_path_factory):
     return tmp_path_factory.mktemp("builtin")
 
 
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    """`megamor ARGV` in this process: its exit code and what it printed (stdout + stderr)."""
+    from megamor.cli import main
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (print(e.code, file=sys.stderr) or 1)
+    cap = capsys.readouterr()
+    return rc, cap.out + cap.err
+
+
 def run_ranks(nproc: int, script: str, args: list[str], timeout: int = 600, env=None) -> subprocess.CompletedProcess:
     """Start `nproc` gloo ranks of a scenario script through torchrun (or one plain process)."""
     e = dict(os.environ)

@@ -15,6 +15,7 @@ import psutil
 import pytest
 import torch
 
+from conftest import run_cli
 from megamor.checkpoint import CheckpointError, find_latest, read_tensors, resolve_resume
 
 pytestmark = pytest.mark.slow  # multi-rank training runs, stop/resume, kills
@@ -212,16 +213,6 @@ def _umount(path):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-def _cli(capsys, *argv) -> tuple[int, str]:
-    from megamor.cli import main
-    try:
-        rc = main(list(argv))
-    except SystemExit as e:
-        rc = e.code if isinstance(e.code, int) else (print(e.code, file=sys.stderr) or 1)
-    cap = capsys.readouterr()
-    return rc, cap.out + cap.err
-
-
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory, builtin_root):
     base = tmp_path_factory.mktemp("faults")
@@ -250,13 +241,13 @@ def test_a_fresh_run_never_writes_into_another_runs_checkpoints(faults, builtin_
     assert err["type"] == "PreflightError" and "holds checkpoints of another run" in err["message"]
     assert out["base_listing_after"] == out["base_listing"]  # nothing deleted
     # The user's command refuses before any rank starts: one line naming the three ways out.
-    rc, text = _cli(capsys, "pretrain", "--nproc", "2", *COMMON, f"data.builtin_root={builtin_root}",
+    rc, text = run_cli(capsys, "pretrain", "--nproc", "2", *COMMON, f"data.builtin_root={builtin_root}",
                     f"run.output_dir={root / 'base'}", "train.train_steps=4")
     assert rc == 2 and text.count("\n") == 1, text
     assert text.startswith(f"megamor: output error: {ck} holds checkpoints of another run")
     for way in ("--resume auto", "run.output_dir", "checkpoint.new_lineage=true"):
         assert way in text
-    rc, text = _cli(capsys, "config", "validate", "checkpoint.new_lineage=true",
+    rc, text = run_cli(capsys, "config", "validate", "checkpoint.new_lineage=true",
                     "checkpoint.resume=auto")
     assert rc != 0 and "cannot be combined with checkpoint.resume=auto" in text
     # checkpoint.new_lineage=true moved them aside, intact; the new run rotates only its own.
@@ -285,11 +276,11 @@ def test_a_corrupt_checkpoint_is_skipped_or_refused(faults, capsys):
     assert sorted(got) == [5, 6, 7, 8]
     assert [got[s]["loss"] for s in (5, 6)] == [want[s]["loss"] for s in (5, 6)]
     # `megamor checkpoint verify`: the same verdict on demand, one line per checkpoint.
-    rc, text = _cli(capsys, "checkpoint", "verify", str(bad.parent))
+    rc, text = run_cli(capsys, "checkpoint", "verify", str(bad.parent))
     assert rc == 1, text
     assert f"{bad}: FAILED: {bad / '__0_0.distcp'}: xxh3_128 checksum differs" in text
     assert f"{bad.parent / 'step_00000004'}: ok: " in text
-    assert _cli(capsys, "checkpoint", "verify", str(bad.parent / "step_00000004"))[0] == 0
+    assert run_cli(capsys, "checkpoint", "verify", str(bad.parent / "step_00000004"))[0] == 0
 
 
 def test_non_finite_steps_never_reach_the_weights(faults):
@@ -355,7 +346,7 @@ def test_a_full_disk_through_the_command_is_one_line(tmp_path, builtin_root, cap
         assert sorted(p.name for p in (tmpfs / "ck").iterdir()) == ["latest", "step_00000002"]
         assert read_tensors(tmpfs / "ck" / "step_00000002")  # the previous one loads
         # A rerun on the still-full disk is refused before any rank starts.
-        rc, text = _cli(capsys, "pretrain", "--nproc", "2", *run, "--resume", "auto")
+        rc, text = run_cli(capsys, "pretrain", "--nproc", "2", *run, "--resume", "auto")
         assert rc == 2 and text.count("\n") == 1, text
         assert text.startswith(f"megamor: output error: {tmpfs / 'ck'}: ") and "free" in text
     finally:

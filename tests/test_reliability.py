@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_ranks
+from conftest import run_cli, run_ranks
 
 from megamor.checkpoint import read_tensors
 from megamor.data import ensure_builtin_dataset
@@ -29,29 +29,19 @@ def one_shard_data(tmp_path_factory) -> Path:
                                   samples_per_shard=100_000)
 
 
-def _cli(capsys, *argv) -> tuple[int, str]:
-    from megamor.cli import main
-    try:
-        rc = main(list(argv))
-    except SystemExit as e:
-        rc = e.code if isinstance(e.code, int) else (print(e.code, file=sys.stderr) or 1)
-    cap = capsys.readouterr()
-    return rc, cap.out + cap.err
-
-
 # ----------------------------------------------------------------------------- item 4
 
 
 def test_schedule_lengths_are_validated(capsys):
-    rc, out = _cli(capsys, "config", "validate", "train.train_steps=20")
+    rc, out = run_cli(capsys, "config", "validate", "train.train_steps=20")
     assert rc != 0 and "train.warmup_steps=20 must be less than train.train_steps=20" in out
-    rc, out = _cli(capsys, "config", "validate", "train.train_steps=100",
+    rc, out = run_cli(capsys, "config", "validate", "train.train_steps=100",
                    "train.decay_fraction=0.9")
     assert rc != 0 and "train.decay_fraction=0.9" in out and "during the warmup" in out
-    rc, out = _cli(capsys, "config", "validate", "train.on_schedule_change=maybe")
+    rc, out = run_cli(capsys, "config", "validate", "train.on_schedule_change=maybe")
     assert rc != 0 and "train.on_schedule_change='maybe'" in out
     # `megamor pretrain` stops before any rank starts, with exit code 2 and one line
-    rc, out = _cli(capsys, "pretrain", "--nproc", "2", "train.train_steps=20")
+    rc, out = run_cli(capsys, "pretrain", "--nproc", "2", "train.train_steps=20")
     assert rc == 2 and out.strip().splitlines() == [
         "megamor: config error: train.warmup_steps=20 must be less than train.train_steps=20 "
         "(the schedule needs steps after the warmup); lower train.warmup_steps or raise "
@@ -67,7 +57,7 @@ def test_inputs_are_checked_before_any_rank_starts(tmp_path, capsys, one_shard_d
     out_dir = f"run.output_dir={tmp_path / 'run'}"
 
     def pretrain(*over) -> str:
-        rc, out = _cli(capsys, "pretrain", "--nproc", "2", *TINY, out_dir, *over)
+        rc, out = run_cli(capsys, "pretrain", "--nproc", "2", *TINY, out_dir, *over)
         assert rc == 2, out
         lines = out.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in out, out
@@ -198,7 +188,7 @@ def test_schedule_follows_the_config_on_resume(tmp_path, builtin_root, capsys):
 
     # Refused: `short` decayed at step 6; resuming that checkpoint with train_steps=9 stops before
     # any rank starts, and the message says how (its step-3 checkpoint, or replan).
-    rc, out = _cli(capsys, "pretrain", "--nproc", "2", *TINY, f"data.builtin_root={builtin_root}",
+    rc, out = run_cli(capsys, "pretrain", "--nproc", "2", *TINY, f"data.builtin_root={builtin_root}",
                    "parallel.pipeline_model_parallel_size=2", "train.train_steps=9",
                    f"run.output_dir={root / 'short'}", "--resume", "auto")
     assert rc == 2 and out.count("\n") == 1, out
