@@ -37,23 +37,24 @@ class NonFiniteError(RuntimeError):
     kind = "training"
 
 
-def local_nonfinite(losses: Iterable[torch.Tensor], grads: Iterable[torch.Tensor]) -> bool:
-    """Whether any of this rank's losses or gradients holds a NaN or an infinity. One reduction
-    per tensor (no copy of the gradients); bf16 and fp32 alike."""
+def local_nonfinite(losses: Iterable[torch.Tensor], grads: Iterable[torch.Tensor]) -> torch.Tensor:
+    """1.0 where any of this rank's losses or gradients holds a NaN or an infinity, else 0.0, as
+    a 0-d tensor left on the tensors' device (no host sync: `nonfinite_anywhere` makes the one).
+    One reduction per tensor (no copy of the gradients); bf16 and fp32 alike."""
     sums = [l.detach().float().sum() for l in losses]
     sums += [g.sum(dtype=torch.float32) for g in grads if g is not None and g.numel()]
     if not sums:
-        return False
-    return not bool(torch.isfinite(torch.stack(sums)).all())
+        return torch.zeros(())
+    return (~torch.isfinite(torch.stack(sums)).all()).float()
 
 
-def nonfinite_anywhere(flag: bool, device: torch.device, group=None) -> bool:
-    """`flag` of any rank (one all-reduce), the same answer on every rank."""
+def nonfinite_anywhere(flag: torch.Tensor, device: torch.device, group=None) -> bool:
+    """`flag` (`local_nonfinite`) of any rank: one all-reduce and one host sync, the same answer
+    on every rank."""
     import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    t = flag.detach().float().reshape(1).to(device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
 
 
