@@ -70,7 +70,7 @@ def run(config: Optional[str], overrides: list[str], nproc: int = 1,
     from megamor import parallel
     from megamor.training.loop import Preempted, Trainer
     try:
-        Trainer(cfg).train()
+        Trainer(cfg, keep_history=False).train()
     except Preempted as e:
         from megamor.lifecycle import preempted_exit_code
         return preempted_exit_code(e.code)  # 0 under `--nproc N`, which then returns 75

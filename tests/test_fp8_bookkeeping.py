@@ -152,3 +152,9 @@ def test_trainer_fp8_steps_depth_map_and_evaluation_loss(monkeypatch, tmp_path, 
     monkeypatch.setattr(fp8_utils, "get_fp8_context", lambda *a, **k: contextlib.nullcontext())
     engine.model.eval()
     assert routing_depths(engine.stage, ids) == depths
+    # `megamor pretrain` keeps only the last step's metrics (a long run's are in metrics.jsonl).
+    engine.model.train()
+    assert [m["step"] for m in trainer.history] == [1, 2]
+    trainer.keep_history = False
+    trainer.train_step()
+    assert [m["step"] for m in trainer.history] == [3]

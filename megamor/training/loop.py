@@ -60,8 +60,12 @@ class Preempted(SystemExit):
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, keep_history: bool = True):
+        """`keep_history`: `train()` returns every step's metrics (tests, benchmarks, the Python
+        API); False keeps only the last step's (`megamor pretrain`: a long run's metrics are in
+        metrics.jsonl, not in every rank's memory)."""
         self.cfg = cfg
+        self.keep_history = keep_history
         rank = int(os.environ.get("RANK", "0"))
         # Step and phase for the hang watchdog (megamor/watchdog.py), from the start.
         self.progress = Progress.from_env(rank)
@@ -175,6 +179,8 @@ class Trainer:
         if result.skipped:
             metrics["nonfinite"] = 1
         metrics.update(result.extra)
+        if not self.keep_history:
+            self.history.clear()
         self.history.append(metrics)
         return metrics
 
