@@ -21,6 +21,8 @@ both engines train the same model from the same initial weights.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -127,6 +129,31 @@ class Engine:
         `labels`: [{"lm_loss": mean loss}] where the loss is computed (last stage)."""
         raise NotImplementedError
 
+    @contextlib.contextmanager
+    def training_untouched(self, train_mode: bool):
+        """For a forward-only pass between training steps (an evaluation loss, a depth map):
+        the model in train (top-k routing) or eval (threshold routing) mode, no gradients,
+        router statistics from zero for the pass; afterwards training is as it was: mode,
+        router statistics, router buffers (loss-free loads) and RNG state restored."""
+        from megamor.checkpoint import rng_state, set_rng_state
+
+        stage = self.stage
+        saved = (stage.stats, stage.token_counts, stage.position_counts)
+        buffers = [(b, b.clone()) for b in stage.buffers()]
+        rng, was_training = rng_state(), self.model.training
+        stage.reset_stats()
+        self.model.train(train_mode)
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.model.train(was_training)
+            stage.reset_stats()
+            stage.stats, stage.token_counts, stage.position_counts = saved
+            for b, value in buffers:
+                b.copy_(value)
+            set_rng_state(rng)
+
     def batch_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> float:
         """Mean loss of one batch [b, s] under training-mode routing (top-k), on every rank,
         through `forward_only` (megatron's schedule marks the first micro-batch: a direct call
@@ -135,22 +162,9 @@ class Engine:
         router buffers (loss-free loads) and RNG state are restored."""
         import torch.distributed as dist
 
-        from megamor.checkpoint import rng_state, set_rng_state
-        stage, dims = self.stage, self.dims
-        saved = (stage.stats, stage.token_counts, stage.position_counts)
-        buffers = [(b, b.clone()) for b in stage.buffers()]
-        rng, was_training = rng_state(), self.model.training
-        stage.reset_stats()
-        self.model.train()
-        try:
-            with torch.no_grad():
-                out = self.forward_only(tokens, labels)
-        finally:
-            self.model.train(was_training)
-            stage.stats, stage.token_counts, stage.position_counts = saved
-            for b, value in buffers:
-                b.copy_(value)
-            set_rng_state(rng)
+        dims = self.dims
+        with self.training_untouched(train_mode=True):
+            out = self.forward_only(tokens, labels)
         loss = torch.zeros(1, dtype=torch.float64, device=self.device)
         if dims.last_stage:
             loss[0] = out[0]["lm_loss"].double()

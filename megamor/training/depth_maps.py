@@ -21,26 +21,17 @@ def routing_depths(engine, ids: list[int]) -> Optional[list[int]]:
     routing of the steps whose routers it holds, and the records of a pipeline are gathered.
     Returns the depths on global rank 0, None elsewhere. Training is left as it was: no
     gradients, train mode, RNG state and router statistics restored."""
-    from megamor.checkpoint import rng_state, set_rng_state
     from megamor.inference import depths_from_trace
 
     stage, dims = engine.stage, engine.dims
     tokens = torch.tensor([fp8_padded(ids, engine.tcfg)], device=engine.device)  # [1, s']
-    saved = (stage.stats, stage.token_counts, stage.position_counts)
-    rng, was_training = rng_state(), engine.model.training
-    stage.reset_stats()
-    stage.trace_routing = True
-    engine.model.eval()
-    try:
-        with torch.no_grad():
+    with engine.training_untouched(train_mode=False):
+        stage.trace_routing = True
+        try:
             engine.forward_only(tokens)
+        finally:
+            stage.trace_routing = False
         trace = {r: m[:len(ids), 0].tolist() for r, m in stage.routing_trace.items()}
-    finally:
-        stage.trace_routing = False
-        engine.model.train(was_training)
-        stage.reset_stats()
-        stage.stats, stage.token_counts, stage.position_counts = saved
-        set_rng_state(rng)
     traces = [None] * dims.pp
     dist.all_gather_object(traces, trace, group=dims.pp_group)
     if dims.rank != 0:
