@@ -6,8 +6,7 @@ parsing do not pay for importing torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from megamor.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "builtin_dataset_root": "builtin",
@@ -38,14 +37,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -8,8 +8,7 @@ steps over a paged KV cache (docs/generation.md).
 """
 
 
-import importlib
-from typing import Any
+from megamor.lazy_exports import lazy_exports
 
 # Resolved on first use, so that `megamor --help` (which registers `generate`) loads no torch.
 _EXPORTS = {"Engine": "engine", "EngineConfig": "engine", "SCHEDULES": "requests",
@@ -18,10 +17,4 @@ _EXPORTS = {"Engine": "engine", "EngineConfig": "engine", "SCHEDULES": "requests
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
