@@ -33,12 +33,22 @@ def test_overlap_equals_no_overlap_and_resumes_across(tmp_path, builtin_root):
     pairs = [("pp2_off", "pp2_on"),            # distributed optimizer, both overlaps
              ("pp2_adam_off", "pp2_adam_on"),  # all-reduce, overlap_grad_reduce
              ("tp2_off", "tp2_on"),            # TP 2 x DP 2, no pipeline
+             ("tp2_sp_off", "tp2_sp_on"),      # the same with sequence parallelism
              ("pp2_off", "off_then_on"),       # 2 steps without overlap, resumed with it
              ("pp2_off", "on_then_off")]       # and the other way round
     for ref, got in pairs:
         assert _curve(r[got]) == _curve(r[ref]), (ref, got)
         assert r[got]["weights"] == r[ref]["weights"], (ref, got)
     assert [s for s, _, _ in _curve(r["off_then_on"])] == [1, 2, 3, 4]
+    # megatron's DDP was built as asked (an "on" equal to "off" because the options were lost
+    # on the way would pass the comparisons above).
+    for name in ("pp2_on", "tp2_on", "tp2_sp_on"):
+        assert r[name]["overlap"] == [True, True], name
+    assert r["pp2_adam_on"]["overlap"] == [True, False]
+    for name in ("pp2_off", "pp2_adam_off", "tp2_off", "tp2_sp_off"):
+        assert r[name]["overlap"] == [False, False], name
+    assert r["off_then_on"]["overlap"] == [[False, False], [True, True]]
+    assert r["on_then_off"]["overlap"] == [[True, True], [False, False]]
     # The optimizers agree with each other too (not bitwise: different reduction order).
     for (s1, l1, _), (s2, l2, _) in zip(_curve(r["pp2_off"]), _curve(r["pp2_adam_off"])):
         assert l1 == pytest.approx(l2, rel=1e-5)
