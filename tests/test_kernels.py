@@ -187,11 +187,14 @@ def test_every_layer_forward_runs_inside_megatrons_fp8_context(monkeypatch, reco
     monkeypatch.setattr(mte, "te_checkpoint", te_checkpoint)
     model = make_model("model.arch=mor", "train.precision=fp8", f"model.recompute={recompute}",
                        fp8=True)
-    inside, outside = [], []
+    inside, outside, routed = [], [], set()
     for layer in model.layers.values():
         layer.register_forward_pre_hook(lambda *a: inside.append(rec.active))
-    for router in model.routers.values():
+    for name, router in model.routers.items():
         router.register_forward_pre_hook(lambda *a: outside.append(rec.active))
+        # Called as a module: megatron waits for a bucket's parameter all-gather in forward
+        # pre-hooks (overlap_param_gather), so a router used any other way reads stale weights.
+        router.register_forward_pre_hook(lambda *a, n=name: routed.add(n))
     model.output_layer.register_forward_pre_hook(lambda *a: outside.append(rec.active))
     model.train()
     model(input_ids=tokens(), labels=tokens(1)).mean().backward()
@@ -203,6 +206,7 @@ def test_every_layer_forward_runs_inside_megatrons_fp8_context(monkeypatch, reco
     assert sorted(a for a in inside if a is not None) == sorted(calls)
     assert inside.count(None) == 2 * times and sorted(rec.entered) == sorted(calls)
     assert outside and all(a is None for a in outside)  # routers, output layer: never FP8
+    assert routed == set(model.routers) and len(routed) == 3  # each routed step's router
     # Under FP8 full recompute goes through TE's checkpoint, as in megatron's TransformerBlock.
     assert te_checkpoints == ([1] * 8 if recompute == "full" else [])
     # megatron keeps the first and last unrolled layers in bf16 (train.fp8_bf16_layers=1).
@@ -403,3 +407,21 @@ def test_sequence_parallel_flags_router_and_norm_weights():
         l1, g1 = _loss_and_grads(plain)
         l2, g2 = _loss_and_grads(model)
         assert l1 == pytest.approx(l2, abs=1e-6)
+
+
+@pytest.mark.parametrize("routing", ["expert_choice", "token_choice"])
+def test_routers_are_called_as_modules(world_of_one, routing):
+    """megatron waits for a bucket's parameter all-gather (overlap_param_gather, on by default on
+    GPU) in forward pre-hooks: a router used without its module call would read the weights of
+    before the last optimizer step. Each router is entered through its module, in training and
+    in inference routing."""
+    model = make_model("model.arch=mor", f"routing.type={routing}")
+    called = []
+    for name, router in model.routers.items():
+        router.register_forward_pre_hook(lambda *a, n=name: called.append(n))
+    for train in (True, False):
+        called.clear()
+        model.train(train)
+        with torch.no_grad():
+            model(input_ids=tokens(), labels=tokens(1))
+        assert called and set(called) == set(model.routers), (train, called)
