@@ -118,6 +118,7 @@ def silence_expected_megatron_noise() -> None:
 # torch's notes that a checkpoint is read in one process, which is what megamor asks for there;
 # MLflow's notes that it creates a run's local database.
 _LIBRARY_NOTICES = {
+    "torch.utils.cpp_extension": r"No CUDA runtime is found",
     "megatron.core.transformer.transformer_layer": r"Rewrapping ModuleSpec with module",
     "megatron.core.distributed.distributed_data_parallel": r"full_param_layout not provided",
     "megatron.core.dist_checkpointing.strategies.torch": r"MCore's async save is deprecated",
@@ -139,7 +140,6 @@ def quiet_library_notices() -> None:
     """Filter `_LIBRARY_NOTICES` and `_TORCH_WARNINGS` (each by its logger and message: anything
     else those loggers say still gets through). Called before torch or megatron is imported by
     every entry point (the CLI, `megamor.pretrain.run`): torch logs its CUDA notice at import."""
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime"
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # creating its tables
     for name, pattern in _LIBRARY_NOTICES.items():
         log = logging.getLogger(name)
