@@ -22,7 +22,6 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megamor import parallel  # noqa: E402
