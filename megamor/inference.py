@@ -36,7 +36,7 @@ def build_single_process_model(cfg, vocab_size: int, *, seed: int | None = None,
     one = copy.deepcopy(cfg)
     p = one.parallel
     p.tensor_model_parallel_size = p.pipeline_model_parallel_size = p.data_parallel_size = 1
-    p.pipeline_layers, p.sequence_parallel = None, False
+    p.pipeline_layers, p.sequence_parallel, p.virtual_pipeline_size = None, False, 1
     if local_backend:
         one.model.backend = "local"
     install_cpu_shims()
@@ -59,6 +59,7 @@ def load_for_inference(path: str | Path):
     cfg = load_config(ckpt / "config.yaml", [
         "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
         "parallel.data_parallel_size=1", "parallel.pipeline_layers=null",
+        "parallel.virtual_pipeline_size=1",
         # whichever engine trained it: the weights are megatron shards, read in one process
         "parallel.engine=megatron", "parallel.offload_optimizer=none",
         "parallel.offload_params=none", "parallel.deepspeed_config=null"])

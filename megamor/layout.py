@@ -154,6 +154,39 @@ def stage_ranges(plan: Plan, num_stages: int, sizes: list[int] | None = None,
     return out
 
 
+def stage_pieces(plan: Plan, num_stages: int, vp: int = 1, sizes: list[int] | None = None,
+                 costs: StageCosts | None = None) -> list[list[tuple[int, int]]]:
+    """Each stage's model chunks as [start, stop) ranges of unrolled layers, in chunk order.
+
+    vp == 1: one chunk per stage (`stage_ranges`). vp > 1 (megatron's interleaved schedule):
+    the unrolled network cut into num_stages x vp contiguous pieces, piece j running on stage
+    j mod num_stages as its chunk j // num_stages, so a micro-batch visits every stage vp times.
+    `sizes`: the pieces' lengths in execution order (`parallel.pipeline_layers`; a middle piece
+    may be empty: that chunk passes its input on), else the cut of `costs` minimising the
+    slowest stage (`interleaved_cut`)."""
+    if vp == 1:
+        return [[r] for r in stage_ranges(plan, num_stages, sizes, costs)]
+    if sizes is None:
+        if costs is None:
+            raise ValueError("stage_pieces needs the stage costs (megamor.flops.pipeline_costs) "
+                             "or explicit sizes to cut a pipeline")
+        sizes = interleaved_cut(costs, num_stages, vp)
+    if len(sizes) != num_stages * vp or sum(sizes) != len(plan.layers):
+        raise ValueError(f"{len(sizes)} piece sizes summing to {sum(sizes)} for {num_stages} x "
+                         f"{vp} chunks over {len(plan.layers)} unrolled layers")
+    out: list[list[tuple[int, int]]] = [[] for _ in range(num_stages)]
+    start = 0
+    for j, s in enumerate(sizes):
+        out[j % num_stages].append((start, start + s))
+        start += s
+    return out
+
+
+def unique_layers_of(plan: Plan, pieces: list[tuple[int, int]]) -> list[int]:
+    """The unique layers a stage runs in any of its chunks (it holds each once)."""
+    return sorted({u for a, b in pieces for u in plan.unique_layers_in(a, b)})
+
+
 def circular_loads(plan: Plan, costs: StageCosts, num_stages: int) -> list[float] | None:
     """Stage loads of the circular cut (PIPELINE_NOTES option B; not implemented in training):
     the shared block's unique layers sliced contiguously over the stages, every recursion passing
@@ -175,13 +208,12 @@ def circular_loads(plan: Plan, costs: StageCosts, num_stages: int) -> list[float
     return StageCosts(tuple(per_unique), first, last).loads(sizes)
 
 
-def copy_index(plan: Plan, ranges: list[tuple[int, int]], stage: int) -> dict[int, int]:
-    """For each unique layer on `stage`: how many earlier stages also hold a copy of it.
+def copy_index(plan: Plan, pieces: list[list[tuple[int, int]]], stage: int) -> dict[int, int]:
+    """For each unique layer on `stage` (`pieces`: every stage's chunk ranges, `stage_pieces`):
+    how many earlier stages also hold a copy of it.
 
     0 marks the owning copy (saved in checkpoints, counted in the gradient norm); the others are
-    replicas of it.
+    replicas of it. A stage's chunks share one copy of a layer.
     """
-    out = {}
-    for u in plan.unique_layers_in(*ranges[stage]):
-        out[u] = sum(1 for p in range(stage) if u in plan.unique_layers_in(*ranges[p]))
-    return out
+    held = [set(unique_layers_of(plan, p)) for p in pieces]
+    return {u: sum(1 for p in range(stage) if u in held[p]) for u in sorted(held[stage])}

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as mps
 
-from megamor.layout import Plan
+from megamor.layout import Plan, unique_layers_of
 
 
 @dataclass
@@ -85,12 +85,14 @@ def init_process_group(device: torch.device, timeout_s: int = DEFAULT_TIMEOUT_S)
 
 
 def initialize(tp: int, pp: int, device: torch.device,
-               timeout_s: int = DEFAULT_TIMEOUT_S) -> ParallelDims:
+               timeout_s: int = DEFAULT_TIMEOUT_S, vp: int = 1) -> ParallelDims:
+    """`vp`: model chunks per pipeline stage (megatron then picks its interleaved schedule)."""
     init_process_group(device, timeout_s)
     world, rank = dist.get_world_size(), dist.get_rank()
     if mps.model_parallel_is_initialized():
         mps.destroy_model_parallel()
     mps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                  virtual_pipeline_model_parallel_size=vp if vp > 1 else None,
                                   distributed_timeout_minutes=-(-timeout_s // 60))
     dims = ParallelDims(
         world_size=world, rank=rank, tp=tp, pp=pp, dp=world // (tp * pp),
@@ -105,8 +107,8 @@ def initialize(tp: int, pp: int, device: torch.device,
     return dims
 
 
-def create_shared_layer_groups(dims: ParallelDims, plan: Plan, ranges: list[tuple[int, int]],
-                               stage_module=None) -> None:
+def create_shared_layer_groups(dims: ParallelDims, plan: Plan,
+                               pieces: list[list[tuple[int, int]]], stage_module=None) -> None:
     """For every unique layer held by more than one stage, a group over those stages' ranks.
 
     Every rank calls `new_group` for every group in the same order (a torch.distributed rule),
@@ -115,8 +117,9 @@ def create_shared_layer_groups(dims: ParallelDims, plan: Plan, ranges: list[tupl
     same flag the tied output-layer copy carries).
     """
     holders: dict[int, tuple[int, ...]] = {}
+    held = [set(unique_layers_of(plan, mine)) for mine in pieces]  # a stage's chunks share one
     for u in range(plan.num_unique):
-        stages = tuple(p for p, (a, b) in enumerate(ranges) if u in plan.unique_layers_in(a, b))
+        stages = tuple(p for p, mine in enumerate(pieces) if u in held[p])
         if len(stages) > 1:
             holders[u] = stages
     if stage_module is not None:

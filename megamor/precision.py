@@ -69,6 +69,9 @@ def wrap_for_precision(config, stage: torch.nn.Module) -> torch.nn.Module:
     (the same tensors: the parameters keep their identity, and with it their attributes)."""
     if not (config.bf16 or config.fp16):
         return stage
+    if hasattr(stage, "wrap_chunks"):  # a VirtualStage: each chunk as megatron's schedule calls it
+        stage.wrap_chunks(lambda chunk: wrap_for_precision(config, chunk))
+        return stage
     from megatron.core.transformer.module import Float16Module
 
     kept = [(m, {n: p.data for n, p in m.named_parameters(recurse=False)},

@@ -87,7 +87,14 @@ class ParallelConfig:
     # the next forward (overlap_param_gather). null: on when the device is a GPU.
     overlap_grad_reduce: Optional[bool] = None
     overlap_param_gather: Optional[bool] = None
-    pipeline_layers: Optional[list] = None  # unrolled layers per stage; default: cost-balanced
+    # Model chunks per pipeline stage (megatron's interleaved 1F1B schedule): the unrolled
+    # network is cut into pipeline_model_parallel_size x virtual_pipeline_size pieces, piece j
+    # on stage j mod pp as its chunk j // pp. Shrinks the fill/drain bubble and balances stages
+    # that a contiguous cut cannot (docs/architecture.md, "Virtual pipeline").
+    virtual_pipeline_size: int = 1
+    # Unrolled layers per stage (pp entries), or per piece in execution order (pp x
+    # virtual_pipeline_size entries, a middle piece may be 0); default: cost-balanced
+    pipeline_layers: Optional[list] = None
     # Training engine: megatron (DDP + distributed optimizer, TP/PP/DP) | deepspeed (ZeRO over
     # data parallel, TP through megatron's groups, no PP). docs/engines.md compares them.
     engine: str = "megatron"

@@ -149,13 +149,27 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             f"parallel.pipeline_model_parallel_size={pp} is larger than the unrolled depth "
             f"model.num_layers={m.num_layers}; every stage needs at least one layer"
         )
+    vp = p.virtual_pipeline_size
+    if not isinstance(vp, int) or vp < 1:
+        raise ConfigError(f"parallel.virtual_pipeline_size={vp!r} must be an integer >= 1")
+    if vp > 1 and pp == 1:
+        raise ConfigError(f"parallel.virtual_pipeline_size={vp} needs "
+                          f"parallel.pipeline_model_parallel_size > 1 (model chunks interleave "
+                          f"over pipeline stages); set it to 1")
     if p.pipeline_layers is not None:
         pl = [int(x) for x in p.pipeline_layers]
-        if len(pl) != pp or sum(pl) != m.num_layers or min(pl) < 1:
+        if vp == 1 and (len(pl) != pp or sum(pl) != m.num_layers or min(pl) < 1):
             raise ConfigError(
                 f"parallel.pipeline_layers={pl} must have {pp} positive entries summing to "
                 f"model.num_layers={m.num_layers}"
             )
+        if vp > 1 and (len(pl) != pp * vp or sum(pl) != m.num_layers or min(pl) < 0
+                       or pl[0] < 1 or pl[-1] < 1):
+            raise ConfigError(
+                f"parallel.pipeline_layers={pl} must have pipeline_model_parallel_size x "
+                f"virtual_pipeline_size = {pp * vp} entries (one per model chunk, in execution "
+                f"order) summing to model.num_layers={m.num_layers}; a middle chunk may be 0, "
+                f"the first and the last need a layer")
     if m.kv_sharing and pp > 1:
         raise ConfigError(
             "model.kv_sharing with parallel.pipeline_model_parallel_size > 1 is not supported: "
@@ -191,6 +205,15 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"micro_batch_size x data_parallel_size = {t.micro_batch_size} x {dp}"
         )
+    if p.virtual_pipeline_size > 1:
+        m_count = t.global_batch_size // (t.micro_batch_size * dp)
+        if m_count % pp:
+            raise ConfigError(
+                f"parallel.virtual_pipeline_size={p.virtual_pipeline_size} needs a number of "
+                f"micro-batches per step that is a multiple of "
+                f"pipeline_model_parallel_size={pp} (megatron's interleaved schedule runs them "
+                f"in groups of pp); train.global_batch_size={t.global_batch_size} / "
+                f"(micro_batch_size {t.micro_batch_size} x data parallel {dp}) = {m_count}")
     _validate_schedule(t)
     _validate_kernels(m, t)
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:

@@ -56,8 +56,15 @@ class RouterStats:
 
     @classmethod
     def of(cls, stage) -> "RouterStats":
-        return cls(stage.stat_keys(), stage.stats, stage.token_counts, stage.position_counts,
-                   stage.routed)
+        """The statistics of `stage`'s chunks (`stage.parts`: one, or a VirtualStage's V),
+        summed where two chunks count the same key."""
+        values, tokens, positions = {}, {}, {}
+        for part in stage.parts:
+            for mine, theirs in ((values, part.stats), (tokens, part.token_counts),
+                                 (positions, part.position_counts)):
+                for k, v in theirs.items():
+                    mine[k] = mine[k] + v if k in mine else v
+        return cls(stage.stat_keys(), values, tokens, positions, stage.routed)
 
 
 @dataclass
@@ -83,7 +90,7 @@ class Engine:
         self.ctx = ctx
         self.cfg, self.dims, self.device = ctx.cfg, ctx.dims, ctx.device
         self.num_microbatches = ctx.num_microbatches
-        self.stage = None  # this rank's MoRModel
+        self.stage = None  # this rank's MoRModel (or VirtualStage of MoRModel chunks)
         self.model = None  # what forward/backward run on (the stage under the engine's wrappers)
         self.optimizer = None
 
@@ -98,11 +105,13 @@ class Engine:
 
         cfg, dims, ctx = self.cfg, self.dims, self.ctx
         self.tcfg = transformer_config(cfg, ctx.dtype, ctx.fp8, device_type=self.device.type)
-        self.plan, self.ranges = plan_for(cfg, ctx.vocab_size)
+        # pieces[p]: stage p's chunks as [start, stop) unrolled layers (one without a virtual
+        # pipeline)
+        self.plan, self.pieces = plan_for(cfg, ctx.vocab_size)
         stage = build_stage(cfg, self.tcfg, ctx.vocab_size, dims.pp_rank, cfg.train.seed,
                             dp_group=dims.dp_group)
         stage.to(self.device)
-        parallel.create_shared_layer_groups(dims, self.plan, self.ranges, stage)
+        parallel.create_shared_layer_groups(dims, self.plan, self.pieces, stage)
         self.stage = stage
         return stage
 
@@ -138,7 +147,7 @@ class Engine:
         from megamor.checkpoint import rng_state, set_rng_state
 
         stage = self.stage
-        saved = (stage.stats, stage.token_counts, stage.position_counts)
+        saved = [(p.stats, p.token_counts, p.position_counts) for p in stage.parts]
         buffers = [(b, b.clone()) for b in stage.buffers()]
         rng, was_training = rng_state(), self.model.training
         stage.reset_stats()
@@ -149,7 +158,8 @@ class Engine:
         finally:
             self.model.train(was_training)
             stage.reset_stats()
-            stage.stats, stage.token_counts, stage.position_counts = saved
+            for p, (stats, tokens, positions) in zip(stage.parts, saved):
+                p.stats, p.token_counts, p.position_counts = stats, tokens, positions
             for b, value in buffers:
                 b.copy_(value)
             set_rng_state(rng)

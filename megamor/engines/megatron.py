@@ -47,6 +47,9 @@ class MegatronEngine(Engine):
         stage = self.build_stage()
         wrapped = wrap_for_precision(self.tcfg, stage)  # bf16: Float16Module, fp32 routers
         self.model = self.wrap_data_parallel(wrapped)
+        # What megatron's schedule runs: the model, or (virtual pipeline) the stage's chunks,
+        # all inside the one DDP (megamor.model.virtual_stage says why).
+        self.chunks = list(stage.chunks) if self.virtual else [self.model]
         t = cfg.train
         ocfg = OptimizerConfig(
             optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
@@ -77,6 +80,24 @@ class MegatronEngine(Engine):
         return DistributedDataParallel(self.tcfg, ddp_config(self.cfg.parallel, self.device),
                                        module)
 
+    @property
+    def virtual(self) -> bool:
+        return self.cfg.parallel.virtual_pipeline_size > 1
+
+    def _schedule_args(self, batches: list, seq: int, mbs: int) -> dict:
+        """The schedule's data iterators and send shape: one iterator per chunk under the
+        interleaved schedule (each chunk takes every micro-batch), whose sends are [s', b,
+        hidden] (a MoR wire travels folded: megamor.model.wire); 1F1B's shape function."""
+        if not self.virtual:
+            return {"data_iterator": iter(batches), "seq_length": seq,
+                    "adjust_tensor_shapes_fn": self._adjust_shapes()}
+        from megamor.model.wire import folded_rows
+        wire, h = self.stage.wire_channels, self.tcfg.hidden_size
+        if wire != h:
+            tp = self.dims.tp if self.tcfg.sequence_parallel else 1
+            seq = folded_rows(seq // tp, wire, h) * tp  # the schedule divides it by tp again
+        return {"data_iterator": [iter(batches) for _ in self.chunks], "seq_length": seq}
+
     def reload_weights(self) -> None:
         """After `checkpoint.init_from` wrote the stage's weights: the optimizer's main (fp32)
         copies follow them."""
@@ -90,8 +111,10 @@ class MegatronEngine(Engine):
         per-token scaling)."""
         from megatron.core.distributed import finalize_model_grads
         self.ctx.progress.enter("grad_sync", self._step)
-        for chunk in model_list:
-            chunk.finish_grad_sync(force_all_reduce=force_all_reduce)
+        # The one DDP, whatever the schedule ran (a virtual pipeline's chunks share it: reducing
+        # per chunk would reduce shared weights once per chunk holding them).
+        model_list = [self.model]
+        self.model.finish_grad_sync(force_all_reduce=force_all_reduce)
         parallel.allreduce_shared_grads(self.model, self.dims)
         with _grad_sync_finished(model_list):
             return finalize_model_grads(model_list, num_tokens,
@@ -140,11 +163,12 @@ class MegatronEngine(Engine):
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.ctx.progress.enter("forward_backward", step)
+        batches = list(batches)
         losses = get_forward_backward_func()(
-            forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.model],
-            num_microbatches=self.num_microbatches, seq_length=cfg.model.seq_length,
-            micro_batch_size=cfg.train.micro_batch_size, forward_only=False,
-            adjust_tensor_shapes_fn=self._adjust_shapes())
+            forward_step_func=self._forward_step, model=self.chunks,
+            num_microbatches=self.num_microbatches, micro_batch_size=cfg.train.micro_batch_size,
+            forward_only=False, **self._schedule_args(batches, cfg.model.seq_length,
+                                                      cfg.train.micro_batch_size))
         self.ctx.progress.enter("optimizer", step)
         lm = [l["lm_loss"] for l in losses]
         # A NaN or infinity in any rank's loss or gradients: no update (megamor/step_health.py).
@@ -176,10 +200,14 @@ class MegatronEngine(Engine):
             return model(input_ids=tokens if dims.first_stage else None,
                          labels=labels if dims.last_stage else None), self._loss
 
-        return get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([None]), model=[self.model],
-            num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
-            forward_only=True, adjust_tensor_shapes_fn=self._adjust_shapes())
+        # The interleaved schedule runs micro-batches in groups of pp: the batch goes through
+        # pp times (the same result each time) and the first result is returned.
+        n = self.dims.pp if self.virtual else 1
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, model=self.chunks, num_microbatches=n,
+            micro_batch_size=tokens.shape[0], forward_only=True,
+            **self._schedule_args([None] * n, tokens.shape[1], tokens.shape[0]))
+        return out[:1]
 
     # ------------------------------------------------------------------ checkpoint state
 

@@ -9,11 +9,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megamor.config import Config
 from megamor.kernels import apex_wgrad_available, fusion_flags
-from megamor.layout import Plan, build_plan, copy_index, stage_ranges
+from megamor.layout import Plan, build_plan, copy_index, stage_pieces
 from megamor.model.mor_model import MoRModel
+from megamor.model.virtual_stage import VirtualStage
 from megamor.model.specs import resolve_backend, spec_for_run
 
-__all__ = ["MoRModel", "build_plan", "build_stage", "padded_vocab_size", "plan_for", "transformer_config"]
+__all__ = ["MoRModel", "VirtualStage", "build_plan", "build_stage", "padded_vocab_size", "plan_for", "transformer_config"]
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
@@ -21,9 +22,11 @@ def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
     return ((vocab_size + m - 1) // m) * m
 
 
-def plan_for(cfg: Config, vocab_size: int | None = None) -> tuple[Plan, list[tuple[int, int]]]:
-    """The unrolled plan and each pipeline stage's [start, stop) (`vocab_size`: the padded
-    vocabulary the output layer really has; it weighs the last stage in the cost-balanced cut)."""
+def plan_for(cfg: Config, vocab_size: int | None = None) -> tuple[Plan, list[list[tuple[int, int]]]]:
+    """The unrolled plan and each pipeline stage's model chunks as [start, stop) ranges (one
+    per stage, or `parallel.virtual_pipeline_size` interleaved ones: `layout.stage_pieces`).
+    `vocab_size`: the padded vocabulary the output layer really has; it weighs the last stage
+    in the cost-balanced cut."""
     from megamor.flops import LAYER_OVERHEAD, pipeline_costs
 
     m, p = cfg.model, cfg.parallel
@@ -38,8 +41,10 @@ def plan_for(cfg: Config, vocab_size: int | None = None) -> tuple[Plan, list[tup
         cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
         costs = pipeline_costs(m, plan, m.seq_length, vocab, cfg.routing,
                                LAYER_OVERHEAD["cuda" if cuda else "cpu"])
-    ranges = stage_ranges(plan, p.pipeline_model_parallel_size, p.pipeline_layers, costs)
-    return plan, ranges
+    sizes = None if p.pipeline_layers is None else [int(x) for x in p.pipeline_layers]
+    pieces = stage_pieces(plan, p.pipeline_model_parallel_size, p.virtual_pipeline_size, sizes,
+                          costs)
+    return plan, pieces
 
 
 def transformer_config(cfg: Config, dtype: torch.dtype, fp8: bool = False,
@@ -64,6 +69,8 @@ def transformer_config(cfg: Config, dtype: torch.dtype, fp8: bool = False,
         init_method_std=m.init_std,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=(p.virtual_pipeline_size
+                                              if p.virtual_pipeline_size > 1 else None),
         sequence_parallel=p.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -83,17 +90,28 @@ def transformer_config(cfg: Config, dtype: torch.dtype, fp8: bool = False,
 
 
 def build_stage(cfg: Config, tcfg: TransformerConfig, vocab_size: int, pp_rank: int,
-                seed: int, dp_group=None) -> MoRModel:
-    """One pipeline stage, built from its spec tree (megamor.model.specs)."""
-    plan, ranges = plan_for(cfg, vocab_size)
+                seed: int, dp_group=None) -> MoRModel | VirtualStage:
+    """One pipeline stage, built from its spec tree (megamor.model.specs): a MoRModel, or with
+    `parallel.virtual_pipeline_size` > 1 a VirtualStage of MoRModel chunks that share the unique
+    layers they both run (the stage holds each layer once)."""
+    plan, pieces = plan_for(cfg, vocab_size)
     pp = cfg.parallel.pipeline_model_parallel_size
+    mine = pieces[pp_rank]
+    vp = len(mine)
     backend = resolve_backend(cfg.model.backend)
-    return build_module(
-        spec_for_run(backend, cfg.model, cfg.routing), config=tcfg, model_cfg=cfg.model,
-        routing_cfg=cfg.routing, plan=plan, stage=ranges[pp_rank], vocab_size=vocab_size,
-        pre_process=pp_rank == 0, post_process=pp_rank == pp - 1, seed=seed, dp_group=dp_group,
-        layer_copy_index=copy_index(plan, ranges, pp_rank),
-        packed_sets=packed_token_sets(cfg.model.varlen_attention, backend))
+    spec = spec_for_run(backend, cfg.model, cfg.routing)
+    copies = copy_index(plan, pieces, pp_rank)
+    chunks, built = [], {}
+    for v, rng in enumerate(mine):
+        chunk = build_module(
+            spec, config=tcfg, model_cfg=cfg.model, routing_cfg=cfg.routing, plan=plan,
+            stage=rng, vocab_size=vocab_size, pre_process=pp_rank == 0 and v == 0,
+            post_process=pp_rank == pp - 1 and v == vp - 1, seed=seed, dp_group=dp_group,
+            layer_copy_index=copies, packed_sets=packed_token_sets(cfg.model.varlen_attention, backend),
+            shared_layers=built, vp_stage=v if vp > 1 else None)
+        built.update((int(u), layer) for u, layer in chunk.layers.items())
+        chunks.append(chunk)
+    return chunks[0] if vp == 1 else VirtualStage(chunks)
 
 
 def packed_token_sets(varlen_attention: str, backend: str) -> bool:

@@ -43,6 +43,7 @@ from megamor.config import ModelConfig, RoutingConfig
 from megamor.model import fp8
 from megamor.layout import Plan
 from megamor.model.attention import AttentionCall, Rotary
+from megamor.model.wire import fold_wire, unfold_wire
 from megamor.model.routing import WHOLE, ActiveSet, AttachAuxLoss, SequenceShards, balancing_loss, z_loss
 
 # Seed tags: every parameter set is initialised from its own seed, so a unique layer gets the
@@ -177,8 +178,14 @@ class MoRModel(LanguageModule):
                  model_cfg: ModelConfig, routing_cfg: RoutingConfig, plan: Plan,
                  stage: tuple[int, int], vocab_size: int, pre_process: bool, post_process: bool,
                  seed: int, dp_group=None, layer_copy_index: Optional[dict[int, int]] = None,
-                 packed_sets: bool = False):
+                 packed_sets: bool = False, shared_layers: Optional[dict] = None,
+                 vp_stage: Optional[int] = None):
         super().__init__(config=config)
+        # Virtual pipeline: this chunk's index on its stage (megatron's Float16Module and
+        # schedule read it), the layers an earlier chunk of the stage built (shared, not
+        # rebuilt), and the wire folded into megatron's [s', b, hidden] send shape.
+        self.vp_stage = vp_stage
+        shared_layers = shared_layers or {}
         self.mcfg, self.rcfg, self.plan = model_cfg, routing_cfg, plan
         self.start, self.stop = stage
         self.pre_process, self.post_process = pre_process, post_process
@@ -202,6 +209,9 @@ class MoRModel(LanguageModule):
         self.recompute, self.recompute_unit = model_cfg.recompute, model_cfg.recompute_unit
         h = config.hidden_size
         self.wire_channels = 2 * h + 2 if self.routed else h
+        # megatron's interleaved schedule sends [s', b, hidden] only: a wider wire travels folded
+        # (megamor.model.wire).
+        self.fold_wire = vp_stage is not None and self.wire_channels != h
 
         if pre_process:
             with seeded(seed, _TAG_EMBEDDING):
@@ -210,8 +220,13 @@ class MoRModel(LanguageModule):
                     max_sequence_length=model_cfg.seq_length, position_embedding_type="rope")
         self.layers = UniqueLayers(layer_copy_index or {})
         for u in plan.unique_layers_in(self.start, self.stop):
+            if u in shared_layers:
+                self.layers[str(u)] = shared_layers[u]
+                continue
+            at = {} if vp_stage is None else {"vp_stage": vp_stage}
             with seeded(seed, _TAG_LAYER + u):
-                self.layers[str(u)] = build_module(submodules.layer, config=config, layer_number=u + 1)
+                self.layers[str(u)] = build_module(submodules.layer, config=config,
+                                                   layer_number=u + 1, **at)
         self.routers = nn.ModuleDict()
         if self.routed:
             for l in plan.layers[self.start:self.stop]:
@@ -271,6 +286,11 @@ class MoRModel(LanguageModule):
             input_tensor = input_tensor[0]
         self.input_tensor = input_tensor
 
+    @property
+    def parts(self) -> list["MoRModel"]:
+        """The MoRModels of this stage (itself; a VirtualStage has one per chunk)."""
+        return [self]
+
     def reset_stats(self) -> None:
         # Host-side counters, summed over micro-batches until the trainer reads them.
         self.token_counts: dict[int, float] = {}  # unrolled layer index -> tokens processed
@@ -329,6 +349,8 @@ class MoRModel(LanguageModule):
             state = StageState(x, x, ones, x.new_zeros(s, b))
         else:
             wire = self.input_tensor
+            if self.fold_wire:
+                wire = unfold_wire(wire, self.wire_channels)
             state = StageState.unpack(wire, h) if self.routed else StageState(wire, wire, None, None)
         # The whole sequence's length (this rank holds s / tp of it under sequence parallelism).
         s, b = state.x.shape[0] * self.shards.size, state.x.shape[1]
@@ -346,7 +368,10 @@ class MoRModel(LanguageModule):
         for layer in self.layers.values():
             layer.self_attention.call = None
         if not self.post_process:
-            return state.pack() if self.routed else state.x
+            out = state.pack() if self.routed else state.x
+            if out is self.input_tensor:  # an empty chunk: megatron may free what it sends
+                out = out.clone()
+            return fold_wire(out, h) if self.fold_wire else out
         x = state.x if state.xg is None else state.tokens.scatter(state.x, state.xg)
         x = self.final_norm(x)
         logits, _ = self.output_layer(x, weight=self.shared_embedding_or_output_weight())

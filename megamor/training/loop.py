@@ -85,7 +85,7 @@ class Trainer:
         timeout_s, _ = watchdog.prepare_collectives(cfg, self.device.type)  # run.hang_timeout
         self.dims = dims = parallel.initialize(p.tensor_model_parallel_size,
                                                p.pipeline_model_parallel_size, self.device,
-                                               timeout_s=timeout_s)
+                                               timeout_s=timeout_s, vp=p.virtual_pipeline_size)
         cfg.validate(world_size=dims.world_size)
         torch.manual_seed(t.seed)
         seed_model_parallel_rng(t.seed, dims.tp_rank)

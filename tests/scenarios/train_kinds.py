@@ -82,6 +82,8 @@ def record_layouts(trainer):
     shape of the tensor received from the previous stage. Returns a function that gathers them
     over all ranks: {"layer_rows": [rows per unrolled layer], "wire": [[shape] per stage > 0]}."""
     stage, calls, wire = trainer.engine.stage, [], []
+    if len(stage.parts) > 1:  # a virtual pipeline's chunks interleave their calls: not recorded
+        return dict
     for layer in stage.layers.values():
         layer.register_forward_pre_hook(
             lambda mod, a, kw: calls.append(kw["hidden_states"].shape[0]), with_kwargs=True)
@@ -129,9 +131,12 @@ def main():
         # FP8 / sequence-parallel multiple inside): depth per token, on rank 0.
         depths = (routing_depths(trainer.engine, trainer.depth_maps.ids[:21])
                   if trainer.engine.stage.routed else None)
-        stage_tokens = [sum(hist[-1]["layer_tokens"][a:b]) for a, b in trainer.engine.ranges]
+        pieces = trainer.engine.pieces  # per stage, its chunks' [start, stop)
+        stage_tokens = [sum(sum(hist[-1]["layer_tokens"][a:b]) for a, b in mine)
+                        for mine in pieces]
         results[kind] = {
-            "history": hist, "ranges": trainer.engine.ranges, "stage_tokens": stage_tokens,
+            "history": hist, "pieces": pieces, "stage_tokens": stage_tokens,
+            "ranges": [mine[0] for mine in pieces] if len(pieces[0]) == 1 else None,
             "layer_costs": [l.cost for l in trainer.engine.plan.layers],
             "shared": shared_copies_identical(trainer),
             "dp": trainer.dims.dp,

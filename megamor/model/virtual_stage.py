@@ -1,0 +1,139 @@
+"""One pipeline rank's model chunks under megatron's interleaved (virtual) pipeline schedule.
+
+With `parallel.virtual_pipeline_size` = V > 1 the unrolled network is cut into pp x V pieces
+(`layout.stage_pieces`); a rank runs V of them, each a `MoRModel` chunk that megatron's
+schedule calls on its own (`chunks`, in chunk order). A shared recursion layer can run in
+several chunks of one rank: the chunks then hold the same module (built once, by the first
+chunk), so the rank keeps one copy of its weights and one gradient, which every chunk's backward
+adds into.
+
+`VirtualStage` is what the rest of megamor sees as "the stage": megatron's DDP wraps it whole
+(one gradient buffer, each shared parameter once), checkpoints read one sharded state dict from
+it (each layer once, the same keys as a contiguous stage, so any layout resumes any other), and
+it answers what the loop, the engines and the metrics ask of a stage (router statistics over
+its chunks, the tied embedding, the unique layers).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from megamor.model.mor_model import MoRModel, UniqueLayers
+
+
+class VirtualStage(nn.Module):
+    """A pipeline rank's V model chunks (`chunks`: what megatron's schedule calls, wrapped for
+    precision by `wrap_chunks`; `parts`: the MoRModels themselves)."""
+
+    def __init__(self, chunks: list[MoRModel]):
+        super().__init__()
+        self.chunks = nn.ModuleList(chunks)
+        first, last = chunks[0], chunks[-1]
+        self.config = first.config
+        self.model_type = first.model_type
+        self.share_embeddings_and_output_weights = True
+        self.pre_process, self.post_process = first.pre_process, last.post_process
+        self.routed = first.routed
+        self.wire_channels = first.wire_channels
+        layers = UniqueLayers(first.layers.copy_index)
+        for chunk in chunks:
+            for u, layer in chunk.layers.items():
+                layers[u] = layer
+        # Kept out of the module tree: the chunks own these modules (registering them here too
+        # would name every parameter twice in state dicts).
+        object.__setattr__(self, "_parts", list(chunks))
+        object.__setattr__(self, "_layers", layers)
+
+    @property
+    def parts(self) -> list[MoRModel]:
+        return self._parts
+
+    @property
+    def layers(self) -> UniqueLayers:
+        """Every unique layer the rank holds, once (keyed like `MoRModel.layers`)."""
+        return self._layers
+
+    def wrap_chunks(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Replace each chunk by `wrap(chunk)` (bf16: megatron's Float16Module, which casts the
+        first chunk's input and the last chunk's output by the chunk's `vp_stage`)."""
+        self.chunks = nn.ModuleList([wrap(c) for c in self._parts])
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a VirtualStage is run chunk by chunk by megatron's interleaved "
+                           "schedule (MegatronEngine), not called whole")
+
+    # ------------------------------------------------------------ what the loop asks of a stage
+
+    def shared_embedding_or_output_weight(self):
+        for part in self._parts:
+            if part.pre_process or part.post_process:
+                return part.shared_embedding_or_output_weight()
+        return None
+
+    @property
+    def aux_loss_scale(self) -> float:
+        return self._parts[0].aux_loss_scale
+
+    @aux_loss_scale.setter
+    def aux_loss_scale(self, value: float) -> None:
+        for part in self._parts:
+            part.aux_loss_scale = value
+
+    @property
+    def trace_routing(self) -> bool:
+        return self._parts[0].trace_routing
+
+    @trace_routing.setter
+    def trace_routing(self, value: bool) -> None:
+        for part in self._parts:
+            part.trace_routing = value
+
+    @property
+    def routing_trace(self) -> dict:
+        out = {}
+        for part in self._parts:
+            out.update(part.routing_trace)
+        return out
+
+    def reset_stats(self) -> None:
+        for part in self._parts:
+            part.reset_stats()
+
+    def stat_keys(self) -> list[str]:
+        return self._parts[0].stat_keys()
+
+    def update_router_bias(self) -> None:
+        for part in self._parts:
+            part.update_router_bias()
+
+    # ------------------------------------------------------------ checkpoint state
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        """The chunks' sharded state, each module once: the keys a contiguous stage holding the
+        same layers would have (`MoRModel.sharded_state_dict`)."""
+        out: dict = {}
+        for part in self._parts:
+            for key, value in part.sharded_state_dict(prefix, sharded_offsets, metadata).items():
+                out.setdefault(key, value)
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a state dict keyed as `sharded_state_dict` names it into every chunk (a shared
+        layer is loaded once per chunk holding it: the same tensors)."""
+        used = set()
+        for part in self._parts:
+            keys = part.state_dict(keep_vars=True).keys()
+            missing = [k for k in keys if k not in state_dict]
+            if missing and strict:
+                raise RuntimeError(f"missing keys in the state dict of chunk {part.vp_stage}: "
+                                   f"{missing[:5]}")
+            part.load_state_dict({k: state_dict[k] for k in keys if k in state_dict},
+                                 strict=strict, assign=assign)
+            used.update(k for k in keys if k in state_dict)
+        unexpected = [k for k in state_dict if k not in used]
+        if unexpected and strict:
+            raise RuntimeError(f"unexpected keys for this pipeline rank's chunks: {unexpected[:5]}")
+        return torch.nn.modules.module._IncompatibleKeys([], unexpected)
