@@ -3,8 +3,8 @@ gradients and megatron's distributed optimizer, fp32 routers, PP 2 with shared l
 stages, TP 2, token- and expert-choice, loss-free balancing, checkpoint save / resume and a
 Hugging Face export, on gloo with a multi-backend default group, under the collective guard.
 
-One launch of two ranks (tests/scenarios/bf16_program.py, MEGAMOR_CPU_BF16=1) trains five
-runs; the tests below read what it recorded.
+One launch of two ranks (tests/scenarios/bf16_program.py, MEGAMOR_CPU_BF16=1) trains six
+runs (the sixth on a virtual pipeline, PP 2 x VP 2); the tests below read what it recorded.
 
 bf16 tolerance. bf16 keeps 8 significant bits: one rounding moves a value by up to 2^-9 (0.2%)
 of itself. The bf16 and fp32 runs here share fp32 master weights, fp32 Adam state, fp32 gradient
@@ -85,6 +85,28 @@ def test_the_stage_is_wrapped_as_on_a_gpu_with_fp32_routers(program):
     # PP 2 with shared recursion layers held by both stages (the middle-cycle block, 1 and 2).
     assert ranks[0]["pp2_bf16"]["wrapping"]["shared_layer_groups"] == [1, 2]
     assert ranks[1]["pp2_bf16"]["wrapping"]["shared_layer_groups"] == [1, 2]
+
+
+def test_virtual_pipeline_chunks_run_the_gpu_program(program):
+    """PP 2 x VP 2 in bf16: each chunk in its own Float16Module (which casts by the chunk's
+    vp_stage: the first chunk's input, the last chunk's output), one DDP around the stage, the
+    shared layer held once per rank; it tracks the contiguous fp32 run like PP 2 does."""
+    ranks, _ = program
+    for rank, r in enumerate(ranks):
+        v = r["vp2_bf16"]
+        assert v["chunks"] == [["Float16Module", "MoRModel", 0], ["Float16Module", "MoRModel", 1]]
+        w = v["wrapping"]
+        assert w["chain"] == ["DistributedDataParallel", "VirtualStage"]
+        assert w["param_dtypes"] == ["bfloat16"] and w["main_grad_dtypes"] == ["float32"]
+        assert w["optimizers"] == ["DistributedOptimizer"] and w["main_param_dtypes"] == ["float32"]
+        assert set(w["router_params"].values()) <= {"float32"}
+        assert set(w["router_buffers"].values()) <= {"float32"}
+    # Stage 0 runs layers 0-4 (unique 0, 1, 2; unique 1 in both chunks), stage 1 layers 5-7.
+    assert ranks[0]["vp2_bf16"]["wrapping"]["layers_here"] == [0, 1, 2]
+    assert ranks[1]["vp2_bf16"]["wrapping"]["layers_here"] == [1, 2, 3]
+    a, b = _losses(ranks[0]["vp2_bf16"]), _losses(ranks[0]["pp2_fp32"])[:TP_STEPS]
+    rel = [abs(x - y) / y for x, y in zip(a, b, strict=True)]
+    assert max(rel) <= PER_STEP and sum(rel) / TP_STEPS <= ON_AVERAGE, rel
 
 
 def test_resumed_bf16_run_continues_bitwise(program):

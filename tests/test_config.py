@@ -43,6 +43,24 @@ def test_pipeline_larger_than_unrolled_depth():
     assert "pipeline_model_parallel_size=9" in msg and "num_layers=8" in msg
 
 
+def test_virtual_pipeline_rules():
+    pp2 = ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_size=2"]
+    ok = load_config(None, [*pp2, "parallel.pipeline_layers=[2,0,3,3]"]).validate(2)
+    assert ok.parallel.virtual_pipeline_size == 2
+    assert "needs parallel.pipeline_model_parallel_size > 1" in err(
+        "parallel.virtual_pipeline_size=2")
+    assert "virtual_pipeline_size=0 must be an integer >= 1" in err(
+        "parallel.virtual_pipeline_size=0")
+    msg = err(*pp2, "parallel.pipeline_layers=[4,4]")
+    assert "parallel.pipeline_layers=[4, 4]" in msg and "= 4 entries" in msg
+    assert "the first and the last need a layer" in err(*pp2, "parallel.pipeline_layers=[0,4,4,0]")
+    # micro-batches per step: 8 / (4 x dp 2) = 1, not a multiple of pp 2
+    msg = err(*pp2, "train.global_batch_size=8", "train.micro_batch_size=4", world=4)
+    assert "multiple of pipeline_model_parallel_size=2" in msg and "= 1" in msg
+    assert "parallel.engine=deepspeed runs without pipeline parallelism" in err(
+        *pp2, "parallel.engine=deepspeed")
+
+
 def test_world_size_and_batch_arithmetic():
     assert "not divisible by tensor x pipeline" in err("parallel.tensor_model_parallel_size=2", world=3)
     assert "global_batch_size=10" in err("train.global_batch_size=10", "train.micro_batch_size=4")

@@ -7,7 +7,8 @@ import torch
 
 warnings.filterwarnings("ignore")
 
-from megamor.layout import balanced_cut, build_plan
+from megamor.layout import balanced_cut, build_plan, copy_index, stage_pieces, unique_layers_of
+from megamor.model.wire import fold_wire, folded_rows, unfold_wire
 from megamor.model.routing import ActiveSet, ExpertChoiceRouter
 from single_process import BATCH, SEQ, make_model, tokens, world_of_one  # noqa: F401 (fixture)
 
@@ -34,6 +35,30 @@ def test_balanced_cut_minimises_the_slowest_stage():
     assert balanced_cut([1] * 8, 4) == [2, 2, 2, 2]
     assert balanced_cut([5, 1, 1, 1, 1, 1], 2) == [1, 5]
     assert sum(balanced_cut([0.3] * 7, 3)) == 7
+
+
+def test_interleaved_pieces_and_the_copies_a_stage_holds():
+    plan = build_plan("mor", 8, 3, "middle_cycle", [1.0, 2 / 3, 1 / 3])  # units 0 1 2 1 2 1 2 3
+    pieces = stage_pieces(plan, 2, 2, [2, 0, 3, 3])
+    # piece j on stage j mod 2 as its chunk j // 2; an empty middle piece passes its input on
+    assert pieces == [[(0, 2), (2, 5)], [(2, 2), (5, 8)]]
+    assert unique_layers_of(plan, pieces[0]) == [0, 1, 2]  # unit 1 in both chunks, held once
+    assert copy_index(plan, pieces, 0) == {0: 0, 1: 0, 2: 0}
+    assert copy_index(plan, pieces, 1) == {1: 1, 2: 1, 3: 0}
+    assert stage_pieces(plan, 2, 1, [3, 5]) == [[(0, 3)], [(3, 8)]]
+    with pytest.raises(ValueError, match="4 piece sizes summing to 7"):
+        stage_pieces(plan, 2, 2, [2, 0, 2, 3])
+
+
+def test_the_wire_folds_into_megatrons_send_shape_and_back():
+    for seq, hidden, batch in ((64, 64, 4), (32, 64, 2), (21, 8, 3), (1, 4, 1)):
+        wire = torch.randn(seq, batch, 2 * hidden + 2, requires_grad=True)
+        folded = fold_wire(wire, hidden)
+        assert folded.shape == (folded_rows(seq, 2 * hidden + 2, hidden), batch, hidden)
+        assert torch.equal(unfold_wire(folded, 2 * hidden + 2), wire)
+        (unfold_wire(folded, 2 * hidden + 2) * 3).sum().backward()  # gradients pass unchanged
+        assert torch.equal(wire.grad, torch.full_like(wire, 3.0))
+    assert folded_rows(64, 130, 64) == 130  # the tiny MoR's wire at seq 64: 2 x 64 + 2 rows
 
 
 # ----------------------------------------------------------------------------- routing

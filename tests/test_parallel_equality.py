@@ -1,4 +1,5 @@
-"""TP x PP x DP training equals one process (fp32, tight tolerance), for every model kind.
+"""TP x PP x DP training equals one process (fp32, tight tolerance), for every model kind, on
+contiguous and interleaved (virtual) pipelines.
 
 Each scenario launches its gloo ranks once and trains several model kinds in that launch; the
 single-process reference uses micro-batches of micro_batch_size x dp, which is what all data
@@ -8,8 +9,10 @@ with sequence parallelism (compared with K's single-process run).
 """
 
 import math
+from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import run_kinds
 
@@ -79,6 +82,40 @@ def test_tp2_x_pp2_cut_inside_a_recursion_step(reference, tmp_path, builtin_root
     assert got["mor_tc+sp"]["wire"] == [[32, 4, 130]]
     rows = got["mor_tc+sp"]["layer_rows"]
     assert rows[0] == rows[7] == 32 and all(r <= 32 for r in rows)
+
+
+def test_pp2_vp2_dp2_interleaved_with_overlap_matches_single_process(reference, tmp_path,
+                                                                     builtin_root):
+    # megatron's interleaved schedule, two chunks per stage: pieces [2, 0, 3, 3] in execution
+    # order put layers 0-1 and 2-4 on stage 0 (the shared block's unique layer 1 in both of its
+    # chunks: one module, gradients from both chunks' backward passes), an empty chunk on stage 1
+    # (passes the wire on) and 5-7 on stage 1; the cut falls inside recursion step 1 and the
+    # routing state crosses two hops. DP 2 with the distributed optimizer and overlapped
+    # gradient reduction / parameter gathering (a bucket may start only once every chunk's
+    # last backward has added into its shared weights).
+    got = run_kinds(tmp_path, builtin_root, 4, MAIN_KINDS, STEPS + [
+        "train.micro_batch_size=2", "parallel.pipeline_model_parallel_size=2",
+        "parallel.virtual_pipeline_size=2", "parallel.pipeline_layers=[2,0,3,3]",
+        "parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"])
+    assert_same_training(reference, got, MAIN_KINDS)
+    ec = got["mor_ec"]
+    assert ec["pieces"] == [[[0, 2], [2, 5]], [[2, 2], [5, 8]]]
+    layer_tokens = reference["mor_ec"]["history"][-1]["layer_tokens"]
+    assert ec["stage_tokens"] == [sum(sum(layer_tokens[a:b]) for a, b in mine)
+                                  for mine in ec["pieces"]]
+    for kind in MAIN_KINDS:
+        assert got[kind]["shared"]["copies_compared"] > 0
+    # The final checkpoints (saved from the chunks: one sharded state, each layer once) hold the
+    # weights one process trained, under the same keys, for every kind (the recursive
+    # baseline's copies of shared layers on both stages, and in both chunks of stage 0).
+    from megamor.checkpoint import find_latest, read_tensors
+    for kind in MAIN_KINDS:
+        wa = read_tensors(find_latest(Path(reference[kind]["checkpoints"])))
+        wb = read_tensors(find_latest(Path(got[kind]["checkpoints"])))
+        weights = [k for k in wa if not k.startswith("optimizer")]
+        assert weights and set(weights) == {k for k in wb if not k.startswith("optimizer")}, kind
+        for k in weights:
+            assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), (kind, k)
 
 
 def _sites(kind_result: dict) -> set:

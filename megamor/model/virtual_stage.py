@@ -37,6 +37,7 @@ class VirtualStage(nn.Module):
         self.share_embeddings_and_output_weights = True
         self.pre_process, self.post_process = first.pre_process, last.post_process
         self.routed = first.routed
+        self.mcfg, self.rcfg, self.plan = first.mcfg, first.rcfg, first.plan
         self.wire_channels = first.wire_channels
         layers = UniqueLayers(first.layers.copy_index)
         for chunk in chunks:
@@ -55,6 +56,11 @@ class VirtualStage(nn.Module):
     def layers(self) -> UniqueLayers:
         """Every unique layer the rank holds, once (keyed like `MoRModel.layers`)."""
         return self._layers
+
+    @property
+    def routers(self) -> dict:
+        """Every router of the rank's chunks, keyed by recursion step (one chunk holds each)."""
+        return {k: r for part in self._parts for k, r in part.routers.items()}
 
     def wrap_chunks(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         """Replace each chunk by `wrap(chunk)` (bf16: megatron's Float16Module, which casts the

@@ -33,6 +33,10 @@ PP2_TC = ["parallel.pipeline_model_parallel_size=2", "routing.type=token_choice"
 TP2_EC = ["parallel.tensor_model_parallel_size=2", "routing.type=expert_choice",
           "routing.causal=aux_router"]
 
+# PP 2 x VP 2: pieces [0, 2) [2, 2) [2, 5) [5, 8): stage 0 runs layers 0-1 and 2-4 (the shared
+# block's first layer in both chunks), stage 1 passes chunk 0 on and runs 5-7.
+VP2 = ["parallel.virtual_pipeline_size=2", "parallel.pipeline_layers=[2,0,3,3]"]
+
 
 def dtype_name(t) -> str:
     return str(t.dtype).replace("torch.", "")
@@ -147,6 +151,11 @@ def main():
                        "scores": {r: sorted(d) for r, d in scores.items()}}
     t = trainer("tp2_fp32", *TP2_EC, "train.precision=fp32", f"train.train_steps={m}")
     out["tp2_fp32"] = {"history": steps(t, m)}
+    # The virtual pipeline: two chunks per rank (one empty), each in its own Float16Module.
+    t = trainer("vp2_bf16", *PP2_TC, *VP2, "train.precision=bf16", f"train.train_steps={m}")
+    out["vp2_bf16"] = {"history": steps(t, m), "wrapping": wrapping(t),
+                       "chunks": [[type(c).__name__, type(getattr(c, "module", c)).__name__,
+                                   getattr(c, "vp_stage", None)] for c in t.engine.chunks]}
     seconds["end"] = time.perf_counter() - t0
     out["seconds"] = seconds
     out["probe"] = probe

@@ -140,6 +140,7 @@ def main():
             "layer_costs": [l.cost for l in trainer.engine.plan.layers],
             "shared": shared_copies_identical(trainer),
             "dp": trainer.dims.dp,
+            "checkpoints": str(Path(out_dir) / kind / "checkpoints"),  # the final save's root
             "depths": depths,
             **layouts(),
             "wall_s": time.perf_counter() - t0,  # build + train + final save (for the record)
