@@ -158,3 +158,60 @@ def test_trainer_fp8_steps_depth_map_and_evaluation_loss(monkeypatch, tmp_path, 
     trainer.keep_history = False
     trainer.train_step()
     assert [m["step"] for m in trainer.history] == [3]
+
+
+def test_virtual_pipeline_chunks_refresh_casts_per_chunk_and_open_one_context_each(monkeypatch):
+    """PP 2 x VP 2, pieces [2, 0, 3, 3] (stage 0's two chunks both run unique layer 1: one
+    module), the chunks built as the ranks build them and run here in one process, piece after
+    piece as the wire travels, TE stood in with delayed scaling. megatron's interleaved schedule
+    marks each chunk's first micro-batch (`set_is_first_microbatch` on the chunk), so a layer
+    that two chunks share refreshes its FP8 weight casts once per chunk, and no FP8 call uses
+    the casts of weights from before the optimizer step. Each chunk forward with layers opens
+    one FP8 context (one amax reduction); the empty chunk opens none."""
+    from megamor.config import load_config
+    from megamor.model import build_stage, transformer_config
+
+    rec = te_standin.install(monkeypatch)
+    cfg = load_config(None, [
+        "model.preset=tiny", "model.seq_length=48", "model.arch=mor", "model.backend=te",
+        "train.precision=fp8", "train.fp8_recipe=delayed", "train.fp8_bf16_layers=0",
+        "parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_size=2",
+        "parallel.pipeline_layers=[2,0,3,3]"]).validate(2)
+    tcfg = transformer_config(cfg, torch.float32, fp8=True)
+    stages = [build_stage(cfg, tcfg, 256, rank, seed=7) for rank in range(2)]
+    for rank, stage in enumerate(stages):
+        for name, m in stage.named_modules():  # each shared module once, by its first path
+            if isinstance(m, te_standin._TEBookkeeping):
+                m.standin_name = f"stage{rank}.{name}"
+    parts = [stage.parts for stage in stages]
+    assert parts[0][0].layers["1"] is parts[0][1].layers["1"]  # one module, two chunks
+    pieces = [(0, 0), (1, 0), (0, 1), (1, 1)]  # piece j: stage j % 2, chunk j // 2
+    for step in range(2):
+        rec.clear()
+        for mb in range(2):
+            wire = None
+            for s, c in pieces:
+                chunk = parts[s][c]
+                chunk.train()
+                if mb == 0:
+                    chunk.set_is_first_microbatch()
+                if (s, c) == (0, 0):
+                    wire = chunk(input_ids=tokens(mb))
+                else:
+                    chunk.set_input_tensor(wire)
+                    wire = chunk(labels=tokens(mb + 1)) if (s, c) == (1, 1) else chunk()
+            wire.mean().backward()
+        with torch.no_grad():
+            for stage in stages:
+                for p in stage.parameters():
+                    p.add_(1e-2 * torch.sign(p.grad) if p.grad is not None else 0.0)
+                    p.grad = None
+    calls = rec.calls  # the second step
+    assert calls and not [c.module for c in calls if c.stale]
+    assert rec.contexts == [-1] * 6 and rec.amax_reductions == 6  # 3 chunks with layers x 2
+    by_module = _fp8_calls_by_module(calls)
+    shared = [m for m in by_module if m.startswith("stage0.chunks.0.layers.1.")]
+    assert shared and all(len(by_module[m]) == 4 for m in shared)
+    for module, fp8_calls in by_module.items():
+        refreshes = [c.refreshed for c in fp8_calls]
+        assert refreshes[0] and sum(refreshes) == (2 if module in shared else 1), module
