@@ -233,7 +233,7 @@ def test_plan_cli_prints_a_table_and_rejects_bad_input(capsys):
     assert cli_main(["plan", "--preset", "tiny", "--gbs", "16", "--top", "3",
                      "--engines", "megatron", "--seq", "128", "model.vocab_size=1024"]) == 0
     text = capsys.readouterr().out
-    assert "tp pp   dp mbs recompute" in text and text.count("megatron") == 3
+    assert "tp pp vp   dp mbs recompute" in text and text.count("megatron") == 3
     # Issue 19 item 7: the columns explained, the first row as options
     assert "columns: tp, pp, dp = tensor, pipeline, data parallel sizes" in text
     assert "row 1 as overrides (megamor pretrain, megamor.launch.slurm): parallel.tensor_model_parallel_size=" in text
@@ -257,3 +257,51 @@ def test_plan_cli_prints_a_table_and_rejects_bad_input(capsys):
         cli_main(["plan", "--preset", "1p7b", "--gpus-per-node", "0"])
     with pytest.raises(SystemExit, match="--engines: unknown zero9"):
         cli_main(["plan", "--preset", "1p7b", "--engines", "zero9"])
+
+
+def test_planner_ranks_the_interleaved_pipeline():
+    """Issue 21 item 5: at PP 8 (1p7b, 8 nodes) the interleaved schedule over the 8 x 2 cut
+    beats the contiguous cut on stage balance and bubble, and `megamor plan` ranks it first."""
+    from megamor.planner import candidates, layout_overrides, peak_in_flight, sbatch_line
+    cfg = load_config(None, ["model.preset=1p7b"])
+    cluster = Cluster(nodes=8)
+    one, two = (predict(cfg, Layout(1, 8, 8, 4, vp=v), 2048, 256, cluster) for v in (1, 2))
+    assert one.stage_balance == pytest.approx(0.81, abs=0.01)
+    assert two.stage_balance == pytest.approx(0.923, abs=0.001)
+    assert two.parts["bubble"] < one.parts["bubble"] and two.step_s < one.step_s
+    assert len(two.sizes) == 16 and sum(two.sizes) == 26
+    # more micro-batches in flight under interleaving (megatron's warm-up), so more activations
+    assert two.memory["activations"] > one.memory["activations"]
+    preds = rank(cfg, 2048, 256, cluster, pipelines=[8])
+    assert {p.layout.pp for p in preds} == {8} and {p.layout.vp for p in preds} == {1, 2, 3}
+    assert preds[0].layout.vp == 2
+    assert all(p.layout.engine == "megatron" for p in preds if p.layout.vp > 1)
+    # validation's refusals are skipped: 256 / (16 x 8) = 2 micro-batches, not a multiple of 8
+    lays = candidates(cfg, 2048, 256, cluster, pipelines=[8])
+    assert Layout(1, 8, 8, 16, vp=1) in lays and Layout(1, 8, 8, 16, vp=2) not in lays
+    # the layout's options round-trip through start-up validation
+    best = preds[0].layout
+    run = load_config(None, ["model.preset=1p7b", *layout_overrides(best, 256, 2048, cfg)])
+    run.validate(world_size=64)
+    assert run.parallel.virtual_pipeline_size == 2 and run.parallel.pipeline_model_parallel_size == 8
+    assert "parallel.virtual_pipeline_size=2" in best.overrides()
+    load_config(None, ["model.preset=1p7b", *[o for o in best.overrides()
+                                               if "data_parallel" not in o]]).validate(world_size=64)
+    assert "slurm/pretrain_1p7b.sh parallel.virtual_pipeline_size=2" in \
+        sbatch_line(best, 256, 2048, cfg, 8)
+    assert "virtual" not in " ".join(layout_overrides(Layout(1, 8, 8, 4), 256, 2048, cfg))
+    # An explicit parallel.pipeline_layers of pp x vp pieces is what the plan costs.
+    mine = [2, 2, 2, 2, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    fixed = load_config(None, ["model.preset=1p7b", f"parallel.pipeline_layers={mine}",
+                               "parallel.pipeline_model_parallel_size=8",
+                               "parallel.virtual_pipeline_size=2"])
+    got = predict(fixed, Layout(1, 8, 8, 4, vp=2), 2048, 256, cluster)
+    assert got.sizes == mine and got.stage_balance < two.stage_balance
+    # Activations in flight: 1F1B keeps P - p micro-batches; interleaved, megatron's warm-up
+    # 2 (P - p - 1) + (V - 1) P chunk passes plus the one the steady state adds.
+    assert peak_in_flight([1.0], 4, 0, 8) == 4 and peak_in_flight([1.0], 4, 3, 8) == 1
+    assert peak_in_flight([1.0, 1.0], 4, 0, 8) == 11 and peak_in_flight([1.0, 1.0], 4, 3, 8) == 5
+    assert peak_in_flight([1.0, 1.0], 4, 0, 4) == 8  # all in warm-up
+    # the last stage with an empty first chunk (the 1p7b cut's stage 7) holds one at a time
+    assert peak_in_flight([0.0, 1.0], 4, 3, 8) == 1
+    assert peak_in_flight([1.0, 0.0], 4, 3, 8) == 5
