@@ -257,6 +257,14 @@ def test_plan_cli_prints_a_table_and_rejects_bad_input(capsys):
         cli_main(["plan", "--preset", "1p7b", "--gpus-per-node", "0"])
     with pytest.raises(SystemExit, match="--engines: unknown zero9"):
         cli_main(["plan", "--preset", "1p7b", "--engines", "zero9"])
+    # --pp: only those pipelines; an interleaved row 1 carries its virtual pipeline size
+    assert cli_main(["plan", "--preset", "1p7b", "--nodes", "8", "--pp", "8", "--top", "2"]) == 0
+    text = capsys.readouterr().out
+    rows = [l.split() for l in text.splitlines() if l[:3].strip() in ("1", "2")]
+    assert [r[2:4] for r in rows] == [["8", "2"], ["8", "2"]]  # pp 8, vp 2
+    assert "parallel.virtual_pipeline_size=2" in text
+    with pytest.raises(SystemExit, match="--pp='x'"):
+        cli_main(["plan", "--preset", "1p7b", "--pp", "x"])
 
 
 def test_planner_ranks_the_interleaved_pipeline():
