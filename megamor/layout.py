@@ -318,55 +318,55 @@ def interleaved_cut(costs: StageCosts, num_stages: int, vp: int) -> list[int]:
             frontier = {t: new[t] for t in sorted(kept)}
         raise AssertionError("unreachable")
 
-    rounds = list(boundaries())
-    known = {}  # b -> a bound below which b has no cut (a search at a lower T found none)
-
-    def feasible(T: float):
-        event = inf
-        for b in rounds:
-            if T < known.get(b, -inf):
-                event = min(event, known[b])
-                continue
-            sizes, ev = search(T, b)
-            if sizes is not None:
-                return sizes, None
-            known[b] = ev
-            event = min(event, ev)
-        return None, event
-
     def worst(sizes):
         return max(interleaved_loads(costs, P, sizes))
 
     total = prefix[-1] + costs.first + costs.last
+    tol = 1e-12 * max(total, 1e-300)
     lo = max(total / P, layers[0] + costs.first, layers[-1] + costs.last)
     # A first cut: all but the last layer in piece 0; or the contiguous cut in round 0's first
-    # P-1 pieces and the last piece, the pieces between empty.
+    # P-1 pieces and the last piece, the pieces between empty; or the best cut with one round
+    # fewer, its second-to-last round empty.
     best = [L - 1] + [0] * (P * V - 2) + [1]
     if L >= P > 1:
         contiguous = balanced_cut(costs, P)
         other = contiguous[:-1] + [0] * (P * V - P) + contiguous[-1:]
         if worst(other) < worst(best):
             best = other
-    if V > 2 and L >= 2:  # the best cut with one round fewer, its second-to-last round empty
+    if V > 2:
         fewer = interleaved_cut(costs, P, V - 1)
         other = fewer[:-P] + [0] * P + fewer[-P:]
         if worst(other) < worst(best):
             best = other
     hi = worst(best)
-    tol = 1e-12 * max(total, 1e-300)
-    sizes, event = feasible(lo)
-    if sizes is not None:
-        return sizes
-    lo = max(lo, event)  # the optimum lies in [lo, hi]
-    while hi - lo > tol:
-        mid = (lo + hi) / 2
-        sizes, event = feasible(mid)
+    # One pass at the lower bound (cheap: a tight bound ends most searches early) gives each b
+    # a bound below which it has no cut.
+    known = {}
+    for b in boundaries():
+        sizes, known[b] = search(lo, b)
         if sizes is not None:
-            best, hi = sizes, worst(sizes)
-        else:
-            lo = max(event, mid)
-    # the first cut in the search order at the optimum (the tie rule; `known` skips the rest)
-    sizes, _ = feasible(hi + tol)
+            return sizes  # the lower bound is reached: the first b in order
+    # Then each b in order: can it do at least as well as the best so far (strictly better once
+    # some b holds the best)? If so, its own optimum by bisection on T.
+    winner = None
+    for b, floor in known.items():
+        bound = hi + tol if winner is None else hi - tol
+        if floor > bound:
+            continue
+        sizes, event = search(bound, b)
+        if sizes is None:
+            continue
+        winner, best, hi = b, sizes, worst(sizes)
+        low = max(lo, floor)
+        while hi - low > tol:
+            mid = (low + hi) / 2
+            sizes, event = search(mid, b)
+            if sizes is not None:
+                best, hi = sizes, worst(sizes)
+            else:
+                low = max(event, mid)
+    # the winner's first cut at the optimum (the tie rule)
+    sizes, _ = search(hi + tol, winner)
     return sizes if sizes is not None and worst(sizes) <= hi + tol else best
 
 
