@@ -201,21 +201,27 @@ def interleaved_cut(costs: StageCosts, num_stages: int, vp: int) -> list[int]:
     the stages keeping only the maximal tuples reached: with non-negative costs, a tuple that
     is >= another (and still leaves the last layer to the last piece) can copy every
     continuation of the smaller one at no more cost (its pieces are sub-ranges of the other's),
-    so dropping dominated tuples loses no feasible cut. Over T: bisection between a lower
-    bound and the best cut found, where a feasible test lowers the upper end to the cut's
-    actual largest load and an infeasible one raises the lower end to the smallest bound at
-    which any rejected transition (from a kept tuple, for any b) would be accepted -- below it
-    every stage reaches the same tuples, so no cut exists. The two ends meet at the optimum
-    (to a relative 1e-12, float rounding of the sums). Two prunings keep it fast without
-    losing exactness: a tuple whose layers left exceed what the later stages' budgets can
-    take is dropped (that threshold also counts as a rejected transition), and a round
-    boundary b that a search found infeasible below some bound is not searched again below it.
+    so dropping dominated tuples loses no feasible cut. A tuple whose layers left exceed what
+    the later stages' budgets can take together is dropped too (it cannot finish). An
+    infeasible search also returns the smallest bound at which any transition it rejected (from
+    a kept tuple) or any tuple it dropped would be accepted: below that bound every stage
+    reaches the same tuples, so b has no cut there either.
 
-    Ties (deterministic): at the optimum, round boundaries are tried in lexicographic order of
-    (b_1, .., b_{V-1}) and the first that admits a cut gives it, its path the one through the
-    lexicographically smallest tuples (first found) -- so, among optimal cuts, those with the
-    earliest round boundaries. Cost: 1p7b (26 unrolled layers) at PP 8 x VP 2 ~0.01 s, x VP 3
-    ~0.3 s; VP 4 tries O(L^3) round boundaries (seconds).
+    Over b and T: start from the best of a few simple cuts (the contiguous cut; for V > 2 the
+    optimum with one round fewer); one pass at a lower bound of the optimum (mean stage load,
+    the end pieces' first/last layer) returns at once if it is reachable and otherwise gives
+    each b a floor; then every b in lexicographic order of (b_1, .., b_{V-1}) whose floor allows
+    it is asked whether it can match the best load so far (the first time) or beat it (after);
+    if it can, its own optimum is found by bisection on T (a feasible search lowers the upper
+    end to the cut's actual largest load, an infeasible one raises the lower end to the bound
+    it returned) and becomes the best. Exact up to float rounding (a relative 1e-12).
+
+    Ties (deterministic): the result is the cut of the first b in that order that reaches the
+    optimum, and within it the search's first path at the optimum (frontier tuples in
+    lexicographic order, each reached from the first tuple that reaches it) -- among optimal
+    cuts, those with the earliest round boundaries. Cost on this 2-core machine: 1p7b (26
+    unrolled layers) at PP 8 x VP 2 ~0.01 s, x VP 3 ~0.3 s; VP 4 tries O(L^3) round
+    boundaries, ~20 s at PP 8 (give `parallel.pipeline_layers` to skip the search).
     """
     P, V = num_stages, vp
     layers = [float(c) for c in costs.layers]
