@@ -522,7 +522,8 @@ def rank(cfg: Config, seq: int, gbs: int, cluster: Cluster, precision: str = "bf
 
 
 def format_table(preds: list[Prediction], top: int) -> str:
-    head = (f"{'#':>3} {'tp':>2} {'pp':>2} {'vp':>2} {'dp':>4} {'mbs':>3} {'recompute':>9} {'engine':>8} "
+    head = (f"{'#':>3} {'tp':>2} {'pp':>2} {'vp':>2} {'dp':>4} {'mbs':>3} {'recompute':>9} "
+            f"{'engine':>8} "
             f"{'sp':>2} | {'weights':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'total GiB':>9} "
             f"| {'step s':>7} {'bubble':>6} {'dp+sh s':>7} {'MFU':>5} {'tok/s':>9} {'balance':>7}  fits")
     lines = [head, "-" * len(head)]
@@ -530,7 +531,8 @@ def format_table(preds: list[Prediction], top: int) -> str:
         l, mm = p.layout, p.memory
         engine = l.engine + ("" if l.engine == "megatron" else "*")
         lines.append(
-            f"{i:>3} {l.tp:>2} {l.pp:>2} {l.vp:>2} {l.dp:>4} {l.mbs:>3} {l.recompute:>9} {engine:>8} "
+            f"{i:>3} {l.tp:>2} {l.pp:>2} {l.vp:>2} {l.dp:>4} {l.mbs:>3} {l.recompute:>9} "
+            f"{engine:>8} "
             f"{'y' if l.sequence_parallel else 'n':>2} | {mm['weights']:7.2f} {mm['grads']:6.2f} "
             f"{mm['optimizer']:6.2f} {mm['activations']:6.2f} {mm['total']:9.2f} | "
             f"{p.step_s:7.3f} {p.parts['bubble']:6.3f} {p.parts['dp'] + p.parts['shared']:7.3f} "

@@ -291,10 +291,11 @@ def test_planner_ranks_the_interleaved_pipeline():
     best = preds[0].layout
     run = load_config(None, ["model.preset=1p7b", *layout_overrides(best, 256, 2048, cfg)])
     run.validate(world_size=64)
-    assert run.parallel.virtual_pipeline_size == 2 and run.parallel.pipeline_model_parallel_size == 8
+    assert run.parallel.virtual_pipeline_size == 2
+    assert run.parallel.pipeline_model_parallel_size == 8
     assert "parallel.virtual_pipeline_size=2" in best.overrides()
-    load_config(None, ["model.preset=1p7b", *[o for o in best.overrides()
-                                               if "data_parallel" not in o]]).validate(world_size=64)
+    opts = [o for o in best.overrides() if "data_parallel" not in o]
+    load_config(None, ["model.preset=1p7b", *opts]).validate(world_size=64)
     assert "slurm/pretrain_1p7b.sh parallel.virtual_pipeline_size=2" in \
         sbatch_line(best, 256, 2048, cfg, 8)
     assert "virtual" not in " ".join(layout_overrides(Layout(1, 8, 8, 4), 256, 2048, cfg))
