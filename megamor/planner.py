@@ -1,12 +1,15 @@
 """`megamor plan`: predict per-GPU memory and step time of parallel layouts, and rank them.
 
     megamor plan --preset 1p7b --seq 2048 --nodes 8 [--gpus-per-node 8 --gpu-memory-gb 80 ...]
-                 [--gbs 256] [--top 15] [section.option=value ...]
+                 [--gbs 256] [--top 15] [--pp 8] [section.option=value ...]
 
 For a model (a preset plus overrides, as `megamor pretrain` takes them), a sequence length, a
-global batch and a cluster, every layout (tensor x pipeline x data parallel, micro-batch,
-recomputation, optimizer engine) that start-up validation accepts is costed; those that fit in
-GPU memory are ranked by step time. Defaults describe H100 SXM 80GB nodes of 8 GPUs.
+global batch and a cluster, every layout (tensor x pipeline x data parallel, model chunks per
+pipeline stage, micro-batch, recomputation, optimizer engine) that start-up validation accepts
+is costed; those that fit in GPU memory are ranked by step time. Defaults describe H100 SXM 80GB
+nodes of 8 GPUs. A pipeline is cut as the trainer cuts it: contiguously (`balanced_cut`), or with
+parallel.virtual_pipeline_size = V > 1 into P x V interleaved pieces (`interleaved_cut`; piece j
+on stage j mod P); a stage's chunks share one copy of each unique layer.
 
 Memory per GPU (the fullest pipeline stage):
 - weights, gradients, optimizer state of the stage's parameters (every unique layer its slice of
@@ -19,12 +22,16 @@ Memory per GPU (the fullest pipeline stage):
   backward, at the tokens each unrolled layer processes; tensor parallel splits only what lies
   between its column- and row-parallel linears unless sequence parallelism is on; recompute
   none / selective / full), times the micro-batches in flight on the stage under 1F1B
-  (min(m, P - p) on stage p), plus the loss's fp32 softmax and its gradient on the last stage.
+  (min(m, P - p) on stage p; interleaved: megatron's warm-up of 2 (P - p - 1) + (V - 1) P chunk
+  passes plus one, each chunk's own activations, `peak_in_flight`), plus the loss's fp32
+  softmax and its gradient on the last stage.
 Step time: each stage's FLOPs (`megamor.flops.pipeline_costs`, the FLOPs model the trainer's MFU
 uses) at an assumed achievable fraction of peak, plus its tensor-parallel all-reduces (under
 sequence parallelism the same volume as all-gathers and reduce-scatters, plus a routed model's
 exchange of each step's token set) and pipeline send/receive per micro-batch (s / tp rows per
-rank under sequence parallelism); the 1F1B pipeline sum(c_p) + (m - 1) max(c_p); then the
+rank under sequence parallelism; every chunk sends and receives, so V times the hops); the 1F1B
+pipeline m max(c_p) + (sum(c_p) - max(c_p)) / V (c_p: one micro-batch through stage p's chunks;
+the fill/drain bubble shrinks V-fold under interleaving); then the
 data-parallel gradient reduce-scatter + parameter all-gather, only the part that overlap does not
 hide (`exposed_dp_comm`; in full with --no-overlap and for the DeepSpeed engines), the all-reduce
 of shared-layer copies across stages (after the data-parallel reduction, not hidden), and the
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +52,13 @@ from typing import Optional
 
 from megamor.config import Config, ConfigError, load_config
 from megamor.flops import expected_layer_tokens, flops_per_step, layer_matmul_params, pipeline_costs
-from megamor.layout import build_plan, stage_ranges, useful_fraction
+from megamor.layout import (build_plan, interleaved_cut, interleaved_loads, stage_pieces,
+                            unique_layers_of, useful_fraction)
 
 ENGINES = ("megatron", "zero1", "zero2", "zero3")
+# Model chunks per pipeline stage tried (parallel.virtual_pipeline_size; megatron engine only).
+# VP 4 is left out: its exact cut takes seconds per pipeline size (megamor.layout.interleaved_cut).
+VIRTUAL = (1, 2, 3)
 RECOMPUTE = ("none", "selective", "full")
 GIB = 2.0**30
 
@@ -95,10 +107,12 @@ class Layout:
     recompute: str = "none"
     engine: str = "megatron"
     sequence_parallel: bool = False
+    vp: int = 1  # model chunks per pipeline stage (megatron's interleaved schedule)
 
     def overrides(self) -> list[str]:
         return [f"parallel.tensor_model_parallel_size={self.tp}",
                 f"parallel.pipeline_model_parallel_size={self.pp}",
+                f"parallel.virtual_pipeline_size={self.vp}",
                 f"parallel.data_parallel_size={self.dp}", f"train.micro_batch_size={self.mbs}",
                 f"model.recompute={self.recompute}",
                 f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}"]
@@ -177,21 +191,23 @@ def checkpoint_bytes(cfg: Config, vocab: int, precision: str) -> int:
     return int(model_parameters(cfg, vocab) * per) + 2**20
 
 
-def stage_parameters(cfg: Config, plan, ranges, vocab: int, tp: int) -> list[float]:
+def stage_parameters(cfg: Config, plan, pieces, vocab: int, tp: int) -> list[float]:
     """Parameters each pipeline stage holds per tensor-parallel rank (copies of shared layers
-    included: each copy has its own gradients and optimizer state)."""
+    across stages included: each copy has its own gradients and optimizer state; a stage's
+    model chunks share one copy). `pieces`: each stage's [start, stop) chunks
+    (`megamor.layout.stage_pieces`)."""
     m = cfg.model
     h = m.hidden_size
     per_layer = layer_matmul_params(m) / tp + 2 * h  # matmuls split by tp, two norms replicated
     router = router_parameters(cfg)
     out = []
-    for p, (a, b) in enumerate(ranges):
-        n = len(plan.unique_layers_in(a, b)) * per_layer
-        n += router * sum(1 for l in plan.layers[a:b] if l.first_in_step)
+    for p, mine in enumerate(pieces):
+        n = len(unique_layers_of(plan, mine)) * per_layer
+        n += router * sum(1 for a, b in mine for l in plan.layers[a:b] if l.first_in_step)
         if p == 0:
             n += vocab * h / tp
-        if p == len(ranges) - 1:
-            n += h + (vocab * h / tp if len(ranges) > 1 else 0.0)  # final norm, tied output copy
+        if p == len(pieces) - 1:
+            n += h + (vocab * h / tp if len(pieces) > 1 else 0.0)  # final norm, tied output copy
         out.append(n)
     return out
 
@@ -210,9 +226,12 @@ SAVED_PER_TOKEN = {
 }
 
 
-def activation_bytes(cfg: Config, plan, ranges, stage: int, mbs: int, seq: int, vocab: int,
-                     tp: int, sp: bool, recompute: str, act: int, backend: str = "te") -> float:
-    """Bytes one micro-batch leaves saved for backward on `stage` (per tensor-parallel rank).
+def activation_bytes(cfg: Config, plan, piece: tuple[int, int], first: bool, last: bool,
+                     mbs: int, seq: int, vocab: int, tp: int, sp: bool, recompute: str, act: int,
+                     backend: str = "te") -> float:
+    """Bytes one micro-batch leaves saved for backward by one model chunk (per tensor-parallel
+    rank): unrolled layers [start, stop) = `piece`; `first`: it holds the embedding, `last`:
+    the output layer and loss. An empty chunk (a pass-through) keeps nothing.
 
     Per token of a layer: `SAVED_PER_TOKEN[backend]`. Full recompute keeps each layer's input
     (h) and rebuilds one layer (or one recursion step with model.recompute_unit=step) during
@@ -229,7 +248,9 @@ def activation_bytes(cfg: Config, plan, ranges, stage: int, mbs: int, seq: int, 
     rep, split = SAVED_PER_TOKEN[backend](h, nh * d, ng * d, f)
     rep, split = rep / (tp if sp else 1), split / tp
     tokens = [t * mbs for t in expected_layer_tokens(plan, seq)]
-    a, b = ranges[stage]
+    a, b = piece
+    if a == b:
+        return 0.0
 
     def full_layer(k: float) -> float:
         return k * (rep + split) * act
@@ -255,11 +276,42 @@ def activation_bytes(cfg: Config, plan, ranges, stage: int, mbs: int, seq: int, 
             k = min(tokens[l.index] for l in plan.layers if l.step == step)
             saved += (seq * mbs + 2 * k) * h * act / (tp if sp else 1)
     shard = tp if sp else 1  # sequence parallelism: each rank holds s / tp positions
-    if stage == 0:
+    if first:
         saved += seq * mbs * h * act / shard  # embedding output
-    if stage == len(ranges) - 1:
+    if last:
         saved += seq * mbs * (vocab / tp * 4 * 2 + h * act / shard)  # softmax + its gradient, norm output
     return saved
+
+
+def peak_in_flight(chunk_bytes: list[float], num_stages: int, stage: int,
+                   num_micro: int) -> float:
+    """Peak bytes of saved activations on pipeline stage `stage` under megatron's 1F1B
+    schedules, `chunk_bytes[c]`: what one micro-batch leaves saved in the stage's chunk c.
+
+    One chunk: min(m, P - stage) micro-batches in flight. Interleaved (V chunks): megatron's
+    `get_pp_rank_microbatches` runs 2 (P - stage - 1) + (V - 1) x P forward passes in warm-up
+    (groups of P micro-batches, microbatch_group_size_per_vp_stage's default, going through
+    chunk 0, 1, .., V-1), then alternates one forward and one backward (backward walks the
+    chunks from V-1 down); simulated here pass by pass."""
+    V, P = len(chunk_bytes), num_stages
+    if V == 1:
+        return min(num_micro, P - stage) * chunk_bytes[0]
+    total = num_micro * V
+    group = P
+
+    def order(chunks):
+        return [c for g in range(0, num_micro, group)
+                for c in chunks for _ in range(min(group, num_micro - g))]
+
+    fwd, bwd = order(range(V)), order(range(V - 1, -1, -1))
+    warmup = min(total, 2 * (P - stage - 1) + (V - 1) * group)
+    held = sum(chunk_bytes[c] for c in fwd[:warmup])
+    peak = held
+    for i in range(total - warmup):
+        held += chunk_bytes[fwd[warmup + i]]
+        peak = max(peak, held)
+        held -= chunk_bytes[bwd[i]]
+    return peak
 
 
 def exposed_dp_comm(rs: float, ag: float, params: float, stage: int, dp: int,
@@ -280,6 +332,12 @@ def exposed_dp_comm(rs: float, ag: float, params: float, stage: int, dp: int,
     return max(0.0, rs - stage * 2 * micro_step_s / 3) + ag
 
 
+@functools.lru_cache(maxsize=256)
+def _cut(costs, num_stages: int, vp: int) -> list[int]:
+    """`interleaved_cut`, once per cost vector and shape (every candidate layout asks)."""
+    return tuple(interleaved_cut(costs, num_stages, vp))
+
+
 def predict(cfg: Config, layout: Layout, seq: int, gbs: int, cluster: Cluster,
             vocab: int | None = None, precision: str = "bf16",
             overlap: bool = True) -> Prediction:
@@ -293,16 +351,18 @@ def predict(cfg: Config, layout: Layout, seq: int, gbs: int, cluster: Cluster,
     backend = "local" if precision == "fp32" else "te"  # CPU runs fp32 on the local backend
     plan = _plan(cfg)
     costs = pipeline_costs(m, plan, seq, vocab, cfg.routing)
+    vp = layout.vp
     explicit = cfg.parallel.pipeline_layers
-    sizes = [int(x) for x in explicit] if explicit is not None and len(explicit) == pp else None
-    ranges = stage_ranges(plan, pp, sizes, costs)
-    sizes = [b - a for a, b in ranges]
+    sizes = ([int(x) for x in explicit] if explicit is not None and len(explicit) == pp * vp
+             else list(_cut(costs, pp, vp)) if vp > 1 else None)
+    pieces = stage_pieces(plan, pp, vp, sizes, costs)  # each stage's chunks
+    sizes = [b - a for c in range(vp) for mine in pieces for a, b in [mine[c]]]  # execution order
     num_micro = gbs // (mbs * dp)
 
     # ---- memory
     w_b, g_b, o_b = STATE_BYTES[layout.engine]["fp32" if act == 4 else "bf16"]
     shard = SHARDED[layout.engine]
-    params = stage_parameters(cfg, plan, ranges, vocab, tp)
+    params = stage_parameters(cfg, plan, pieces, vocab, tp)
     mem = []
     for p in range(pp):
         n = params[p]
@@ -314,10 +374,11 @@ def predict(cfg: Config, layout: Layout, seq: int, gbs: int, cluster: Cluster,
             weights += layer_matmul_params(m) / tp * w_b * (2 + len(looped))
         grads = n * g_b / (dp if "grads" in shard else 1)
         opt = n * o_b / (dp if "optimizer" in shard else 1)
-        in_flight = min(num_micro, pp - p)
-        acts = in_flight * activation_bytes(cfg, plan, ranges, p, mbs, seq, vocab, tp,
-                                            layout.sequence_parallel, layout.recompute, act,
-                                            backend)
+        chunk_acts = [activation_bytes(cfg, plan, piece, p == 0 and c == 0,
+                                       p == pp - 1 and c == vp - 1, mbs, seq, vocab, tp,
+                                       layout.sequence_parallel, layout.recompute, act, backend)
+                      for c, piece in enumerate(pieces[p])]
+        acts = peak_in_flight(chunk_acts, pp, p, num_micro)
         mem.append({"weights": weights / GIB, "grads": grads / GIB, "optimizer": opt / GIB,
                     "activations": acts / GIB, "total": (weights + grads + opt + acts) / GIB})
     worst = max(mem, key=lambda x: x["total"])
@@ -327,35 +388,43 @@ def predict(cfg: Config, layout: Layout, seq: int, gbs: int, cluster: Cluster,
     tp_bw = (cluster.intra_node_gbs if tp <= cluster.gpus_per_node else cluster.inter_node_gbs) * 1e9
     dp_bw = (cluster.intra_node_gbs if tp * dp <= cluster.gpus_per_node else cluster.inter_node_gbs) * 1e9
     pp_bw = (cluster.intra_node_gbs if tp * dp * pp <= cluster.gpus_per_node else cluster.inter_node_gbs) * 1e9
-    loads = costs.loads(sizes)  # training FLOPs per sequence on each stage
+    loads = interleaved_loads(costs, pp, sizes)  # training FLOPs per sequence on each stage
     layer_tokens = expected_layer_tokens(plan, seq)
-    stage_time = []
-    for p, (a, b) in enumerate(ranges):
+    stage_time = []  # one micro-batch through all of a stage's chunks
+    for p, mine in enumerate(pieces):
         fl = loads[p] * mbs
-        layer_fl = sum(costs.layers[a:b]) * mbs
+        held = [i for a, b in mine for i in range(a, b)]  # the unrolled layers it runs
+        layer_fl = sum(costs.layers[i] for i in held) * mbs
         if layout.recompute == "full":
             fl += layer_fl / 3.0  # one more forward of every layer
         elif layout.recompute == "selective":  # one more forward of core attention
-            matmul = 6.0 * layer_matmul_params(m) * sum(layer_tokens[a:b])
-            fl += (sum(costs.layers[a:b]) - matmul) * mbs / 3.0
+            matmul = 6.0 * layer_matmul_params(m) * sum(layer_tokens[i] for i in held)
+            fl += (layer_fl / mbs - matmul) * mbs / 3.0
         compute = fl / tp / peak
         tp_comm = 0.0
         if tp > 1:  # 2 all-reduces forward + 2 backward per layer (4 with sequence parallel split)
-            elems = sum(layer_tokens[a:b]) * mbs * m.hidden_size
+            elems = sum(layer_tokens[i] for i in held) * mbs * m.hidden_size
             tp_comm = 4 * 2 * (tp - 1) / tp * elems * act / tp_bw
             if layout.sequence_parallel and m.arch == "mor":
                 # Each routed step's set exchange: reduce-scatter at the gather, all-gather at
                 # the scatter, mirrored in backward (router scores: one scalar per token, omitted).
-                steps = {l.step for l in plan.layers[a:b] if l.step >= 1}
-                k = sum(min(layer_tokens[l.index] for l in plan.layers if l.step == st) for st in steps)
-                tp_comm += 4 * (tp - 1) / tp * k * mbs * m.hidden_size * act / tp_bw
+                for a, b in mine:
+                    steps = {l.step for l in plan.layers[a:b] if l.step >= 1}
+                    k = sum(min(layer_tokens[l.index] for l in plan.layers if l.step == st)
+                            for st in steps)
+                    tp_comm += 4 * (tp - 1) / tp * k * mbs * m.hidden_size * act / tp_bw
         p2p = 0.0
         if pp > 1:
             wire = 2 * m.hidden_size + 2 if m.arch == "mor" else m.hidden_size
             wire /= tp if layout.sequence_parallel else 1  # each rank sends its s / tp rows
-            p2p = 2 * seq * mbs * wire * act / pp_bw * (1 if 0 < p < pp - 1 else 0.5)
+            # every chunk receives its input and sends its output (and the gradients back),
+            # except that the first piece receives none and the last piece sends none
+            hops = 2 * vp - (p == 0) - (p == pp - 1)
+            p2p = hops * seq * mbs * wire * act / pp_bw
         stage_time.append(compute + tp_comm + p2p)
-    pipeline = sum(stage_time) + (num_micro - 1) * max(stage_time)
+    # 1F1B: m micro-batches at the slowest stage's pace plus the fill/drain of one micro-batch's
+    # chain through the other stages; interleaving V chunks cuts that fill/drain V-fold.
+    pipeline = num_micro * max(stage_time) + (sum(stage_time) - max(stage_time)) / vp
     compute_only = num_micro * max(stage_time)
     n_max = max(params)
     dp_comm = dp_total = 0.0
@@ -374,9 +443,9 @@ def predict(cfg: Config, layout: Layout, seq: int, gbs: int, cluster: Cluster,
     shared = 0.0
     if pp > 1:
         per_layer = layer_matmul_params(m) / tp
-        for p, (a, b) in enumerate(ranges):
-            copies = [u for u in plan.unique_layers_in(a, b)
-                      if sum(u in plan.unique_layers_in(*r) for r in ranges) > 1]
+        held = [set(unique_layers_of(plan, mine)) for mine in pieces]
+        for mine in held:
+            copies = [u for u in mine if sum(u in other for other in held) > 1]
             shared = max(shared, 2 * len(copies) * per_layer * 4 / pp_bw)
     optimizer = n_max * (w_b + g_b + 2 * o_b) / (dp if "optimizer" in shard else 1) / (cluster.memory_tbs * 1e12)
     step = pipeline + dp_comm + shared + optimizer
@@ -395,45 +464,53 @@ def predict(cfg: Config, layout: Layout, seq: int, gbs: int, cluster: Cluster,
 
 
 def candidates(cfg: Config, seq: int, gbs: int, cluster: Cluster, engines=ENGINES,
-               recompute=RECOMPUTE, micro_batches=(1, 2, 4, 8, 16)) -> list[Layout]:
+               recompute=RECOMPUTE, micro_batches=(1, 2, 4, 8, 16),
+               virtual=VIRTUAL, pipelines=None) -> list[Layout]:
     """Every layout of the cluster that megamor's start-up validation accepts (tensor parallel
-    inside a node)."""
+    inside a node); pipelines also with `virtual` model chunks per stage (megatron engine).
+    `pipelines`: only these pipeline sizes (default: all)."""
     out = []
     world = cluster.world
     for tp in [t for t in range(1, cluster.gpus_per_node + 1) if cluster.gpus_per_node % t == 0]:
-        for pp in [p for p in range(1, cfg.model.num_layers + 1) if world % (tp * p) == 0]:
+        for pp in [p for p in range(1, cfg.model.num_layers + 1) if world % (tp * p) == 0
+                   and (pipelines is None or p in pipelines)]:
             dp = world // (tp * pp)
-            for mbs in micro_batches:
-                for sp in ([False, True] if tp > 1 else [False]):
-                    trial = copy.deepcopy(cfg)
-                    t = trial.train
-                    t.micro_batch_size, t.global_batch_size = mbs, gbs
-                    trial.parallel.tensor_model_parallel_size = tp
-                    trial.parallel.pipeline_model_parallel_size = pp
-                    trial.parallel.data_parallel_size = None
-                    trial.parallel.sequence_parallel = sp
-                    if trial.parallel.pipeline_layers is not None and len(trial.parallel.pipeline_layers) != pp:
-                        trial.parallel.pipeline_layers = None
-                    try:
-                        trial.validate(world_size=world)
-                    except ConfigError:
-                        continue
-                    for rc in recompute:
-                        for engine in engines:
-                            if engine != "megatron" and dp == 1:
-                                continue
-                            out.append(Layout(tp, pp, dp, mbs, rc, engine, sp))
+            for vp in ([v for v in virtual if v == 1 or "megatron" in engines]
+                       if pp > 1 else [1]):
+                for mbs in micro_batches:
+                    for sp in ([False, True] if tp > 1 else [False]):
+                        trial = copy.deepcopy(cfg)
+                        t = trial.train
+                        t.micro_batch_size, t.global_batch_size = mbs, gbs
+                        trial.parallel.tensor_model_parallel_size = tp
+                        trial.parallel.pipeline_model_parallel_size = pp
+                        trial.parallel.virtual_pipeline_size = vp
+                        trial.parallel.data_parallel_size = None
+                        trial.parallel.sequence_parallel = sp
+                        layers = trial.parallel.pipeline_layers
+                        if layers is not None and len(layers) != pp * vp:
+                            trial.parallel.pipeline_layers = None
+                        try:
+                            trial.validate(world_size=world)
+                        except ConfigError:
+                            continue
+                        for rc in recompute:
+                            for engine in engines:
+                                if engine != "megatron" and (dp == 1 or vp > 1):
+                                    continue
+                                out.append(Layout(tp, pp, dp, mbs, rc, engine, sp, vp))
     return out
 
 
 def rank(cfg: Config, seq: int, gbs: int, cluster: Cluster, precision: str = "bf16",
-         engines=ENGINES, vocab: int | None = None, overlap: bool = True) -> list[Prediction]:
+         engines=ENGINES, vocab: int | None = None, overlap: bool = True,
+         pipelines=None) -> list[Prediction]:
     """Predictions for every candidate; those that fit first, fastest first (then less memory)."""
     cluster.validate()
     cfg = copy.deepcopy(cfg)
     cfg.model.seq_length = seq
     preds = [predict(cfg, lay, seq, gbs, cluster, vocab, precision, overlap)
-             for lay in candidates(cfg, seq, gbs, cluster, engines)]
+             for lay in candidates(cfg, seq, gbs, cluster, engines, pipelines=pipelines)]
     if not preds:
         raise ConfigError(
             f"no layout of {cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs passes "
@@ -445,7 +522,8 @@ def rank(cfg: Config, seq: int, gbs: int, cluster: Cluster, precision: str = "bf
 
 
 def format_table(preds: list[Prediction], top: int) -> str:
-    head = (f"{'#':>3} {'tp':>2} {'pp':>2} {'dp':>4} {'mbs':>3} {'recompute':>9} {'engine':>8} "
+    head = (f"{'#':>3} {'tp':>2} {'pp':>2} {'vp':>2} {'dp':>4} {'mbs':>3} {'recompute':>9} "
+            f"{'engine':>8} "
             f"{'sp':>2} | {'weights':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'total GiB':>9} "
             f"| {'step s':>7} {'bubble':>6} {'dp+sh s':>7} {'MFU':>5} {'tok/s':>9} {'balance':>7}  fits")
     lines = [head, "-" * len(head)]
@@ -453,7 +531,8 @@ def format_table(preds: list[Prediction], top: int) -> str:
         l, mm = p.layout, p.memory
         engine = l.engine + ("" if l.engine == "megatron" else "*")
         lines.append(
-            f"{i:>3} {l.tp:>2} {l.pp:>2} {l.dp:>4} {l.mbs:>3} {l.recompute:>9} {engine:>8} "
+            f"{i:>3} {l.tp:>2} {l.pp:>2} {l.vp:>2} {l.dp:>4} {l.mbs:>3} {l.recompute:>9} "
+            f"{engine:>8} "
             f"{'y' if l.sequence_parallel else 'n':>2} | {mm['weights']:7.2f} {mm['grads']:6.2f} "
             f"{mm['optimizer']:6.2f} {mm['activations']:6.2f} {mm['total']:9.2f} | "
             f"{p.step_s:7.3f} {p.parts['bubble']:6.3f} {p.parts['dp'] + p.parts['shared']:7.3f} "
@@ -465,7 +544,8 @@ def format_table(preds: list[Prediction], top: int) -> str:
 
 
 COLUMNS = (
-    "columns: tp, pp, dp = tensor, pipeline, data parallel sizes; mbs = micro-batch (sequences); "
+    "columns: tp, pp, dp = tensor, pipeline, data parallel sizes; vp = model chunks per "
+    "pipeline stage (interleaved schedule); mbs = micro-batch (sequences); "
     "recompute = activation recomputation; engine = optimizer engine; sp = sequence parallel | "
     "GiB per GPU on the fullest pipeline stage: weights, grads, optim (optimizer state), activ "
     "(activations of the micro-batches in flight), total | step s = predicted step time; "
@@ -481,6 +561,8 @@ def layout_overrides(layout: Layout, gbs: int, seq: int, cfg: Config) -> list[st
            f"parallel.pipeline_model_parallel_size={layout.pp}",
            f"train.micro_batch_size={layout.mbs}", f"train.global_batch_size={gbs}",
            f"model.recompute={layout.recompute}"]
+    if layout.vp > 1:
+        out.append(f"parallel.virtual_pipeline_size={layout.vp}")
     if layout.sequence_parallel:
         out.append("parallel.sequence_parallel=true")
     if layout.engine != "megatron":
@@ -500,6 +582,8 @@ def sbatch_line(layout: Layout, gbs: int, seq: int, cfg: Config, nodes: int) -> 
     if layout.engine != "megatron":
         env += ["MEGAMOR_ENGINE=deepspeed", f"MEGAMOR_ZERO_STAGE={layout.engine[-1]}"]
     extra = [f"model.recompute={layout.recompute}"] if layout.recompute != "none" else []
+    if layout.vp > 1:
+        extra.append(f"parallel.virtual_pipeline_size={layout.vp}")
     if layout.sequence_parallel:
         extra.append("parallel.sequence_parallel=true")
     if seq != cfg.model.seq_length:
@@ -525,8 +609,14 @@ def cmd_plan(args) -> int:
             raise ConfigError(f"--engines: unknown {', '.join(bad)} (known: {', '.join(ENGINES)}, all)")
         if seq < 1 or gbs < 1:
             raise ConfigError(f"--seq={seq} and --gbs={gbs} must be >= 1")
+        pipelines = None
+        if args.pp:
+            try:
+                pipelines = [int(x) for x in args.pp.split(",")]
+            except ValueError:
+                raise ConfigError(f"--pp={args.pp!r}: a comma-separated list of pipeline sizes")
         preds = rank(cfg, seq, gbs, cluster, args.precision, engines,
-                     overlap=not args.no_overlap)
+                     overlap=not args.no_overlap, pipelines=pipelines)
     except ConfigError as e:
         sys.exit(f"megamor: plan error: {e}")
     m = cfg.model
@@ -576,6 +666,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--intra-node-gbs", type=float, default=d.intra_node_gbs)
     p.add_argument("--inter-node-gbs", type=float, default=d.inter_node_gbs)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--pp", default=None,
+                   help="only these pipeline sizes, comma-separated (e.g. 8: compare its cuts "
+                        "and virtual pipeline sizes)")
     p.add_argument("--no-overlap", action="store_true",
                    help="charge the data-parallel gradient sync in full, as for a run with "
                         "parallel.overlap_grad_reduce=false overlap_param_gather=false")

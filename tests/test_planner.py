@@ -17,7 +17,8 @@ from megamor.cli import main as cli_main
 from megamor.config import load_config
 from megamor.flops import LAYER_OVERHEAD, pipeline_costs
 from megamor.layout import (StageCosts, balanced_cut, build_plan, circular_loads,
-                                  stage_ranges, useful_fraction)
+                            interleaved_cut, interleaved_loads, stage_pieces, stage_ranges,
+                            useful_fraction)
 from megamor.planner import Cluster, Layout, exposed_dp_comm, predict, rank
 
 # A shape where matmuls dominate a CPU step; vocabulary 4096 makes the output layer weigh
@@ -77,9 +78,66 @@ def test_explicit_cut_is_honoured_and_costs_count_everything():
     from megamor.model import plan_for
     run = load_config(None, ["model.preset=1p7b", "parallel.pipeline_model_parallel_size=8"])
     cpu = plan_and_costs(["model.preset=1p7b"], 49152, LAYER_OVERHEAD["cpu"])[2]
-    assert [b - a for a, b in plan_for(run, 49152)[1]] == balanced_cut(cpu, 8)
+    assert [b - a for (a, b), in plan_for(run, 49152)[1]] == balanced_cut(cpu, 8)
     run.parallel.pipeline_layers = [4, 4, 3, 3, 3, 3, 3, 3]
-    assert [b - a for a, b in plan_for(run, 49152)[1]] == [4, 4, 3, 3, 3, 3, 3, 3]
+    assert [b - a for (a, b), in plan_for(run, 49152)[1]] == [4, 4, 3, 3, 3, 3, 3, 3]
+
+
+def test_interleaved_cut_minimises_the_slowest_stage_against_brute_force():
+    rng = random.Random(1)
+    checked = 0
+    while checked < 80:
+        n, p, v = rng.randint(2, 8), rng.randint(1, 4), rng.randint(2, 3)
+        if p * v > 9:
+            continue
+        costs = StageCosts(tuple(rng.choice([1.0, 2 / 3, 1 / 3, rng.random()]) for _ in range(n)),
+                           first=rng.random() * 0.3, last=rng.random() * 2)
+        sizes = interleaved_cut(costs, p, v)
+        assert len(sizes) == p * v and sum(sizes) == n and min(sizes) >= 0
+        assert sizes[0] >= 1 and sizes[-1] >= 1  # the embedding's and the output layer's pieces
+        assert interleaved_cut(costs, p, v) == sizes  # deterministic
+        best = min(max(interleaved_loads(costs, p, [b - a for a, b in zip((0,) + c, c + (n,))]))
+                   for c in itertools.combinations_with_replacement(range(n + 1), p * v - 1)
+                   if c[0] >= 1 and c[-1] <= n - 1)
+        assert max(interleaved_loads(costs, p, sizes)) == pytest.approx(best, rel=1e-12)
+        checked += 1
+    # Piece j runs on stage j mod P: stage 0 holds pieces 0 and 2 here.
+    assert interleaved_loads(StageCosts((1.0, 2.0, 4.0, 8.0), 0.5, 0.25), 2, [1, 1, 1, 1]) == \
+        [1.0 + 4.0 + 0.5, 2.0 + 8.0 + 0.25]
+    # vp 1 is the contiguous cut; an empty middle chunk where it helps.
+    costs = StageCosts((1.0,) * 6, last=2.0)
+    assert interleaved_cut(costs, 2, 1) == balanced_cut(costs, 2)
+    assert max(interleaved_loads(costs, 2, interleaved_cut(costs, 2, 2))) == 4.0
+    with pytest.raises(ValueError, match="cannot cut 1 layer.* into 2 x 2 interleaved pieces"):
+        interleaved_cut(StageCosts((1.0,)), 2, 2)
+    with pytest.raises(ValueError, match="vp=0 must be integers >= 1"):
+        interleaved_cut(costs, 2, 0)
+    with pytest.raises(ValueError, match="costs must be >= 0"):
+        interleaved_cut(StageCosts((1.0, -1.0)), 1, 2)
+
+
+def test_interleaved_cut_reaches_0p9_at_pp8_for_1p7b():
+    """Issue 21 item 5: PP 8 at >= 0.9 useful for 1p7b (GPU costs: FLOPs, no layer overhead).
+    A contiguous cut stops at 0.81 (above); the interleaved cut of the unrolled plan over
+    8 x 2 pieces, empty chunks allowed, reaches 0.92."""
+    _, plan, costs = plan_and_costs(["model.preset=1p7b"], 49152)
+    sizes = interleaved_cut(costs, 8, 2)
+    assert useful_fraction(interleaved_loads(costs, 8, sizes)) == pytest.approx(0.923, abs=0.001)
+    assert 0 in sizes[1:-1]  # it needs an empty chunk (0.879 with every chunk non-empty)
+    pieces = stage_pieces(plan, 8, 2, None, costs)
+    assert [[b - a for a, b in mine] for mine in pieces] == \
+        [[sizes[p], sizes[8 + p]] for p in range(8)]
+    assert useful_fraction(interleaved_loads(costs, 4, interleaved_cut(costs, 4, 2))) > 0.97
+    # The trainer's default interleaved cut is this cut at the device's costs.
+    from megamor.model import plan_for
+    run = load_config(None, ["model.preset=1p7b", "parallel.pipeline_model_parallel_size=8",
+                             "parallel.virtual_pipeline_size=2", "train.device=cpu"])
+    cpu = plan_and_costs(["model.preset=1p7b"], 49152, LAYER_OVERHEAD["cpu"])[2]
+    got = plan_for(run, 49152)[1]
+    assert [len(mine) for mine in got] == [2] * 8
+    want = interleaved_cut(cpu, 8, 2)
+    assert [[b - a for a, b in mine] for mine in got] == [[want[p], want[8 + p]] for p in range(8)]
+    assert useful_fraction(interleaved_loads(cpu, 8, want)) > 0.95
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -175,7 +233,7 @@ def test_plan_cli_prints_a_table_and_rejects_bad_input(capsys):
     assert cli_main(["plan", "--preset", "tiny", "--gbs", "16", "--top", "3",
                      "--engines", "megatron", "--seq", "128", "model.vocab_size=1024"]) == 0
     text = capsys.readouterr().out
-    assert "tp pp   dp mbs recompute" in text and text.count("megatron") == 3
+    assert "tp pp vp   dp mbs recompute" in text and text.count("megatron") == 3
     # Issue 19 item 7: the columns explained, the first row as options
     assert "columns: tp, pp, dp = tensor, pipeline, data parallel sizes" in text
     assert "row 1 as overrides (megamor pretrain, megamor.launch.slurm): parallel.tensor_model_parallel_size=" in text
@@ -199,3 +257,60 @@ def test_plan_cli_prints_a_table_and_rejects_bad_input(capsys):
         cli_main(["plan", "--preset", "1p7b", "--gpus-per-node", "0"])
     with pytest.raises(SystemExit, match="--engines: unknown zero9"):
         cli_main(["plan", "--preset", "1p7b", "--engines", "zero9"])
+    # --pp: only those pipelines; an interleaved row 1 carries its virtual pipeline size
+    assert cli_main(["plan", "--preset", "1p7b", "--nodes", "8", "--pp", "8", "--top", "2"]) == 0
+    text = capsys.readouterr().out
+    rows = [l.split() for l in text.splitlines() if l[:3].strip() in ("1", "2")]
+    assert [r[2:4] for r in rows] == [["8", "2"], ["8", "2"]]  # pp 8, vp 2
+    assert "parallel.virtual_pipeline_size=2" in text
+    with pytest.raises(SystemExit, match="--pp='x'"):
+        cli_main(["plan", "--preset", "1p7b", "--pp", "x"])
+
+
+def test_planner_ranks_the_interleaved_pipeline():
+    """Issue 21 item 5: at PP 8 (1p7b, 8 nodes) the interleaved schedule over the 8 x 2 cut
+    beats the contiguous cut on stage balance and bubble, and `megamor plan` ranks it first."""
+    from megamor.planner import candidates, layout_overrides, peak_in_flight, sbatch_line
+    cfg = load_config(None, ["model.preset=1p7b"])
+    cluster = Cluster(nodes=8)
+    one, two = (predict(cfg, Layout(1, 8, 8, 4, vp=v), 2048, 256, cluster) for v in (1, 2))
+    assert one.stage_balance == pytest.approx(0.81, abs=0.01)
+    assert two.stage_balance == pytest.approx(0.923, abs=0.001)
+    assert two.parts["bubble"] < one.parts["bubble"] and two.step_s < one.step_s
+    assert len(two.sizes) == 16 and sum(two.sizes) == 26
+    # more micro-batches in flight under interleaving (megatron's warm-up), so more activations
+    assert two.memory["activations"] > one.memory["activations"]
+    preds = rank(cfg, 2048, 256, cluster, pipelines=[8])
+    assert {p.layout.pp for p in preds} == {8} and {p.layout.vp for p in preds} == {1, 2, 3}
+    assert preds[0].layout.vp == 2
+    assert all(p.layout.engine == "megatron" for p in preds if p.layout.vp > 1)
+    # validation's refusals are skipped: 256 / (16 x 8) = 2 micro-batches, not a multiple of 8
+    lays = candidates(cfg, 2048, 256, cluster, pipelines=[8])
+    assert Layout(1, 8, 8, 16, vp=1) in lays and Layout(1, 8, 8, 16, vp=2) not in lays
+    # the layout's options round-trip through start-up validation
+    best = preds[0].layout
+    run = load_config(None, ["model.preset=1p7b", *layout_overrides(best, 256, 2048, cfg)])
+    run.validate(world_size=64)
+    assert run.parallel.virtual_pipeline_size == 2
+    assert run.parallel.pipeline_model_parallel_size == 8
+    assert "parallel.virtual_pipeline_size=2" in best.overrides()
+    opts = [o for o in best.overrides() if "data_parallel" not in o]
+    load_config(None, ["model.preset=1p7b", *opts]).validate(world_size=64)
+    assert "slurm/pretrain_1p7b.sh parallel.virtual_pipeline_size=2" in \
+        sbatch_line(best, 256, 2048, cfg, 8)
+    assert "virtual" not in " ".join(layout_overrides(Layout(1, 8, 8, 4), 256, 2048, cfg))
+    # An explicit parallel.pipeline_layers of pp x vp pieces is what the plan costs.
+    mine = [2, 2, 2, 2, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    fixed = load_config(None, ["model.preset=1p7b", f"parallel.pipeline_layers={mine}",
+                               "parallel.pipeline_model_parallel_size=8",
+                               "parallel.virtual_pipeline_size=2"])
+    got = predict(fixed, Layout(1, 8, 8, 4, vp=2), 2048, 256, cluster)
+    assert got.sizes == mine and got.stage_balance < two.stage_balance
+    # Activations in flight: 1F1B keeps P - p micro-batches; interleaved, megatron's warm-up
+    # 2 (P - p - 1) + (V - 1) P chunk passes plus the one the steady state adds.
+    assert peak_in_flight([1.0], 4, 0, 8) == 4 and peak_in_flight([1.0], 4, 3, 8) == 1
+    assert peak_in_flight([1.0, 1.0], 4, 0, 8) == 11 and peak_in_flight([1.0, 1.0], 4, 3, 8) == 5
+    assert peak_in_flight([1.0, 1.0], 4, 0, 4) == 8  # all in warm-up
+    # the last stage with an empty first chunk (the 1p7b cut's stage 7) holds one at a time
+    assert peak_in_flight([0.0, 1.0], 4, 3, 8) == 1
+    assert peak_in_flight([1.0, 0.0], 4, 3, 8) == 5
