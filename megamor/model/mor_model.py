@@ -363,7 +363,10 @@ class MoRModel(LanguageModule):
         # tensor-parallel RNG stream (dropout of sharded activations differs per rank).
         rng = (tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel
                else contextlib.nullcontext())
-        with rng, fp8.forward_context(self.config):  # delayed scaling: one FP8 context
+        # Delayed scaling: one FP8 context (an empty virtual-pipeline chunk has no layers, and
+        # no amax history to reduce).
+        context = fp8.forward_context(self.config) if self.segments else contextlib.nullcontext()
+        with rng, context:
             state = self._run_segments(state, s, b, full_rope, kv_store, scope)
         for layer in self.layers.values():
             layer.self_attention.call = None
