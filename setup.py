@@ -50,7 +50,7 @@ setup(
         "deepspeed": ["deepspeed>=0.19.8"],
         # `megamor data prepare` inputs: .parquet, .zst, `datasets` saved with save_to_disk.
         "data": ["pyarrow>=14", "zstandard>=0.20", "datasets>=2.14"],
-        "dev": ["pytest", "pyarrow>=14", "zstandard>=0.20", "datasets>=2.14",
+        "dev": ["pytest", "pytest-xdist>=3.5", "pyarrow>=14", "zstandard>=0.20", "datasets>=2.14",
                 "transformers>=5.0", "safetensors>=0.4", "lm_eval>=0.4.8", "accelerate>=0.26",
                 "deepspeed>=0.19.8"],
     },

@@ -1,13 +1,15 @@
 """Pipeline balance on CPU: the cost model's predicted stage loads against measured ones.
 
-    python benchmarks/pipeline_balance.py [--pp 2,4] [--steps 4] [--overhead] [--json FILE]
+    python benchmarks/pipeline_balance.py [--pp 2,4] [--vp 1,2] [--steps 4] [--overhead] [--json FILE]
 
 For each pipeline size, launches that many gloo ranks of tests/scenarios/stage_busy.py (a
 trainer-level expert-choice run on a shape where matmuls dominate: hidden 256, sequence 256,
 vocabulary 4096, micro-batch 2, 4 micro-batches) and prints, per stage, the predicted load
 (megamor.flops.pipeline_costs with the CPU layer overhead) and the measured forward+backward CPU
 seconds (best call over the measured steps), both relative to the slowest stage, and the useful
-fraction (mean / max) of each. `--overhead` measures the CPU layer overhead the cost model uses
+fraction (mean / max) of each. `--vp 1,2`: each pipeline size also as megatron's interleaved
+schedule with that many chunks per stage (the default interleaved cut; a stage's CPU seconds are
+its chunks' together). `--overhead` measures the CPU layer overhead the cost model uses
 (`layer_overhead`: one unrolled layer per stage, 8 ranks).
 Results in docs/performance.md ("Pipeline balance").
 """
@@ -38,12 +40,13 @@ def _env() -> dict:
     return e
 
 
-def measure(pp: int, steps: int, tmp: Path) -> dict:
-    out = tmp / f"pp{pp}.json"
+def measure(pp: int, steps: int, tmp: Path, vp: int = 1) -> dict:
+    out = tmp / f"pp{pp}vp{vp}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={pp}",
            str(ROOT / "tests" / "scenarios" / "stage_busy.py"), "--out", str(out), "--steps",
            str(steps), *SHAPE, f"parallel.pipeline_model_parallel_size={pp}",
-           f"data.builtin_root={tmp / 'builtin'}", f"run.output_dir={tmp / 'run'}"]
+           f"parallel.virtual_pipeline_size={vp}",
+           f"data.builtin_root={tmp / 'builtin'}", f"run.output_dir={tmp / f'run{pp}-{vp}'}"]
     subprocess.run(cmd, env=_env(), check=True, capture_output=True, text=True)
     return json.loads(out.read_text())
 
@@ -59,21 +62,29 @@ def predicted(result: dict) -> list[float]:
                       cfg.routing.capacities(m.num_recursions))
     costs = pipeline_costs(m, plan, m.seq_length, result["vocab_size"], cfg.routing,
                            LAYER_OVERHEAD["cpu"])
-    return costs.loads([b - a for a, b in result["ranges"]])
+    pieces = result["pieces"]  # per stage, its chunks' [start, stop)
+    if len(pieces[0]) == 1:
+        return costs.loads([b - a for a, b in result["ranges"]])
+    from megamor.layout import interleaved_loads
+    order = [pieces[j % len(pieces)][j // len(pieces)] for j in range(len(pieces) * len(pieces[0]))]
+    return interleaved_loads(costs, len(pieces), [b - a for a, b in order])
 
 
-def balance(pp: int, steps: int, tmp: Path) -> dict:
+def balance(pp: int, steps: int, tmp: Path, vp: int = 1) -> dict:
     """One trainer-level PP run: per-stage predicted loads and measured CPU seconds."""
-    got = measure(pp, steps, tmp)
-    return {"ranges": got["ranges"], "predicted": predicted(got),
+    got = measure(pp, steps, tmp, vp)
+    return {"ranges": got["ranges"], "pieces": got["pieces"], "predicted": predicted(got),
             "measured_s": [s["compute_cpu_best"] for s in got["stages"]], "stages": got["stages"]}
 
 
-def format_balance(pp: int, r: dict) -> list[str]:
+def format_balance(pp: int, r: dict, vp: int = 1) -> list[str]:
     from megamor.layout import useful_fraction
 
     pred, meas = r["predicted"], r["measured_s"]
-    return [f"PP {pp}: layers per stage {[b - a for a, b in r['ranges']]}",
+    cut = ([b - a for a, b in r["ranges"]] if vp == 1 else
+           " / ".join(" ".join(str(b - a) for a, b in mine) for mine in r["pieces"]))
+    return [f"PP {pp}" + (f" x VP {vp}: chunk layers per stage {cut}" if vp > 1
+                          else f": layers per stage {cut}"),
             f"  predicted load / max   {' '.join(f'{x / max(pred):6.3f}' for x in pred)}"
             f"   useful {useful_fraction(pred):.3f}",
             f"  measured CPU s / max   {' '.join(f'{x / max(meas):6.3f}' for x in meas)}"
@@ -113,6 +124,7 @@ def layer_overhead(steps: int, tmp: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pp", default="2,4")
+    ap.add_argument("--vp", default="1", help="chunks per stage to run each PP with, e.g. 1,2")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--overhead", action="store_true", help="also measure the CPU layer overhead")
     ap.add_argument("--json", help="also write the results here")
@@ -128,8 +140,10 @@ def main() -> int:
                   f"layers' FLOPs -> layer overhead proportional {r['proportional']:.2f}, fixed "
                   f"{r['fixed']:.2f} (megamor.flops.LAYER_OVERHEAD['cpu'])")
         for pp in [int(x) for x in args.pp.split(",")]:
-            r = report[f"pp{pp}"] = balance(pp, args.steps, tmp)
-            print("\n".join(format_balance(pp, r)))
+            for vp in [int(x) for x in args.vp.split(",")]:
+                r = report[f"pp{pp}" + (f"vp{vp}" if vp > 1 else "")] = balance(pp, args.steps,
+                                                                                 tmp, vp)
+                print("\n".join(format_balance(pp, r, vp)))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0

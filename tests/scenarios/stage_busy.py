@@ -91,7 +91,7 @@ def main():
     if dist.get_rank() == 0:
         stages = sorted((r for r in everyone if r["tp_rank"] == 0 and r["dp_rank"] == 0),
                         key=lambda r: r["pp_rank"])
-        result = {"ranges": [mine[0] for mine in trainer.engine.pieces], "vocab_size": trainer.vocab_size,
+        result = {"ranges": [mine[0] for mine in trainer.engine.pieces], "pieces": trainer.engine.pieces, "vocab_size": trainer.vocab_size,
                   "num_microbatches": trainer.engine.num_microbatches, "stages": stages,
                   "layer_tokens": trainer.history[-1]["layer_tokens"]}
         with open(args.out, "w") as f:
