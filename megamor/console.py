@@ -74,7 +74,9 @@ def banner(cfg, dims, device: torch.device, precision: str, params: int, data_de
                                                      f"CPU" if offload else "")
     return [
         f"megamor: {kind}: {human(params)} parameters ({params:,})",
-        f"megamor: layout tp{dims.tp} x pp{dims.pp} x dp{dims.dp} = {dims.world_size} rank(s) "
+        f"megamor: layout tp{dims.tp} x pp{dims.pp}"
+        + (f" (x vp{p.virtual_pipeline_size}, interleaved)" if p.virtual_pipeline_size > 1 else "")
+        + f" x dp{dims.dp} = {dims.world_size} rank(s) "
         f"({device.type}, {precision}; engine {engine})",
         f"megamor: data {data_desc} ({data_samples:,} samples = {data_samples * m.seq_length:,} "
         f"tokens); {per_step:,} tokens per step ({t.global_batch_size} x {m.seq_length}), "
