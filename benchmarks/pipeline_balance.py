@@ -62,12 +62,9 @@ def predicted(result: dict) -> list[float]:
                       cfg.routing.capacities(m.num_recursions))
     costs = pipeline_costs(m, plan, m.seq_length, result["vocab_size"], cfg.routing,
                            LAYER_OVERHEAD["cpu"])
-    pieces = result["pieces"]  # per stage, its chunks' [start, stop)
-    if len(pieces[0]) == 1:
-        return costs.loads([b - a for a, b in result["ranges"]])
-    from megamor.layout import interleaved_loads
+    pieces = result["pieces"]  # per stage, its chunks' [start, stop); execution order below
     order = [pieces[j % len(pieces)][j // len(pieces)] for j in range(len(pieces) * len(pieces[0]))]
-    return interleaved_loads(costs, len(pieces), [b - a for a, b in order])
+    return costs.loads([b - a for a, b in order], len(pieces))
 
 
 def balance(pp: int, steps: int, tmp: Path, vp: int = 1) -> dict:

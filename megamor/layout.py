@@ -79,13 +79,17 @@ class StageCosts:
     first: float = 0.0
     last: float = 0.0
 
-    def loads(self, sizes: list[int]) -> list[float]:
-        """Cost of each stage for a cut of `sizes` layers per stage."""
-        out, start = [], 0
-        for p, s in enumerate(sizes):
-            out.append(sum(self.layers[start:start + s]) + (self.first if p == 0 else 0.0)
-                       + (self.last if p == len(sizes) - 1 else 0.0))
+    def loads(self, sizes: list[int], num_stages: int | None = None) -> list[float]:
+        """Cost of each stage for a cut into pieces of `sizes` layers, in execution order: one
+        piece per stage (contiguous), or num_stages x vp interleaved pieces, piece j on stage
+        j mod num_stages. The first piece pays `first`, the last piece `last`."""
+        num_stages = num_stages or len(sizes)
+        out, start = [0.0] * num_stages, 0
+        for j, s in enumerate(sizes):
+            out[j % num_stages] += sum(self.layers[start:start + s])
             start += s
+        out[0] += self.first
+        out[(len(sizes) - 1) % num_stages] += self.last
         return out
 
 
@@ -134,20 +138,6 @@ def balanced_cut(costs, num_stages: int, first: float = 0.0, last: float = 0.0) 
         sizes.append(i - j)
         i = j
     return sizes[::-1]
-
-
-def interleaved_loads(costs: StageCosts, num_stages: int, sizes: list[int]) -> list[float]:
-    """Stage loads of an interleaved cut: `sizes` are the num_stages x vp pieces in execution
-    order, piece j on stage j mod num_stages; the first piece pays `costs.first`, the last
-    `costs.last`."""
-    loads = [0.0] * num_stages
-    start = 0
-    for j, s in enumerate(sizes):
-        loads[j % num_stages] += sum(costs.layers[start:start + s])
-        start += s
-    loads[0] += costs.first
-    loads[(len(sizes) - 1) % num_stages] += costs.last
-    return loads
 
 
 def _maximal(tuples) -> list[tuple]:
@@ -325,7 +315,7 @@ def interleaved_cut(costs: StageCosts, num_stages: int, vp: int) -> list[int]:
         raise AssertionError("unreachable")
 
     def worst(sizes):
-        return max(interleaved_loads(costs, P, sizes))
+        return max(costs.loads(sizes, P))
 
     total = prefix[-1] + costs.first + costs.last
     tol = 1e-12 * max(total, 1e-300)

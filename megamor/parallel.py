@@ -119,7 +119,7 @@ def create_shared_layer_groups(dims: ParallelDims, plan: Plan,
     holders: dict[int, tuple[int, ...]] = {}
     held = [set(unique_layers_of(plan, mine)) for mine in pieces]  # a stage's chunks share one
     for u in range(plan.num_unique):
-        stages = tuple(p for p, mine in enumerate(pieces) if u in held[p])
+        stages = tuple(p for p in range(len(pieces)) if u in held[p])
         if len(stages) > 1:
             holders[u] = stages
     if stage_module is not None:

@@ -52,7 +52,7 @@ from typing import Optional
 
 from megamor.config import Config, ConfigError, load_config
 from megamor.flops import expected_layer_tokens, flops_per_step, layer_matmul_params, pipeline_costs
-from megamor.layout import (build_plan, interleaved_cut, interleaved_loads, stage_pieces,
+from megamor.layout import (build_plan, interleaved_cut, stage_pieces,
                             unique_layers_of, useful_fraction)
 
 ENGINES = ("megatron", "zero1", "zero2", "zero3")
@@ -333,7 +333,7 @@ def exposed_dp_comm(rs: float, ag: float, params: float, stage: int, dp: int,
 
 
 @functools.lru_cache(maxsize=256)
-def _cut(costs, num_stages: int, vp: int) -> list[int]:
+def _cut(costs, num_stages: int, vp: int) -> tuple[int, ...]:
     """`interleaved_cut`, once per cost vector and shape (every candidate layout asks)."""
     return tuple(interleaved_cut(costs, num_stages, vp))
 
@@ -388,7 +388,7 @@ def predict(cfg: Config, layout: Layout, seq: int, gbs: int, cluster: Cluster,
     tp_bw = (cluster.intra_node_gbs if tp <= cluster.gpus_per_node else cluster.inter_node_gbs) * 1e9
     dp_bw = (cluster.intra_node_gbs if tp * dp <= cluster.gpus_per_node else cluster.inter_node_gbs) * 1e9
     pp_bw = (cluster.intra_node_gbs if tp * dp * pp <= cluster.gpus_per_node else cluster.inter_node_gbs) * 1e9
-    loads = interleaved_loads(costs, pp, sizes)  # training FLOPs per sequence on each stage
+    loads = costs.loads(sizes, pp)  # training FLOPs per sequence on each stage
     layer_tokens = expected_layer_tokens(plan, seq)
     stage_time = []  # one micro-batch through all of a stage's chunks
     for p, mine in enumerate(pieces):

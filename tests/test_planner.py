@@ -17,7 +17,7 @@ from megamor.cli import main as cli_main
 from megamor.config import load_config
 from megamor.flops import LAYER_OVERHEAD, pipeline_costs
 from megamor.layout import (StageCosts, balanced_cut, build_plan, circular_loads,
-                            interleaved_cut, interleaved_loads, stage_pieces, stage_ranges,
+                            interleaved_cut, stage_pieces, stage_ranges,
                             useful_fraction)
 from megamor.planner import Cluster, Layout, exposed_dp_comm, predict, rank
 
@@ -96,18 +96,18 @@ def test_interleaved_cut_minimises_the_slowest_stage_against_brute_force():
         assert len(sizes) == p * v and sum(sizes) == n and min(sizes) >= 0
         assert sizes[0] >= 1 and sizes[-1] >= 1  # the embedding's and the output layer's pieces
         assert interleaved_cut(costs, p, v) == sizes  # deterministic
-        best = min(max(interleaved_loads(costs, p, [b - a for a, b in zip((0,) + c, c + (n,))]))
+        best = min(max(costs.loads([b - a for a, b in zip((0,) + c, c + (n,))], p))
                    for c in itertools.combinations_with_replacement(range(n + 1), p * v - 1)
                    if c[0] >= 1 and c[-1] <= n - 1)
-        assert max(interleaved_loads(costs, p, sizes)) == pytest.approx(best, rel=1e-12)
+        assert max(costs.loads(sizes, p)) == pytest.approx(best, rel=1e-12)
         checked += 1
     # Piece j runs on stage j mod P: stage 0 holds pieces 0 and 2 here.
-    assert interleaved_loads(StageCosts((1.0, 2.0, 4.0, 8.0), 0.5, 0.25), 2, [1, 1, 1, 1]) == \
+    assert StageCosts((1.0, 2.0, 4.0, 8.0), 0.5, 0.25).loads([1, 1, 1, 1], 2) == \
         [1.0 + 4.0 + 0.5, 2.0 + 8.0 + 0.25]
     # vp 1 is the contiguous cut; an empty middle chunk where it helps.
     costs = StageCosts((1.0,) * 6, last=2.0)
     assert interleaved_cut(costs, 2, 1) == balanced_cut(costs, 2)
-    assert max(interleaved_loads(costs, 2, interleaved_cut(costs, 2, 2))) == 4.0
+    assert max(costs.loads(interleaved_cut(costs, 2, 2), 2)) == 4.0
     with pytest.raises(ValueError, match="cannot cut 1 layer.* into 2 x 2 interleaved pieces"):
         interleaved_cut(StageCosts((1.0,)), 2, 2)
     with pytest.raises(ValueError, match="vp=0 must be integers >= 1"):
@@ -122,12 +122,12 @@ def test_interleaved_cut_reaches_0p9_at_pp8_for_1p7b():
     8 x 2 pieces, empty chunks allowed, reaches 0.92."""
     _, plan, costs = plan_and_costs(["model.preset=1p7b"], 49152)
     sizes = interleaved_cut(costs, 8, 2)
-    assert useful_fraction(interleaved_loads(costs, 8, sizes)) == pytest.approx(0.923, abs=0.001)
+    assert useful_fraction(costs.loads(sizes, 8)) == pytest.approx(0.923, abs=0.001)
     assert 0 in sizes[1:-1]  # it needs an empty chunk (0.879 with every chunk non-empty)
     pieces = stage_pieces(plan, 8, 2, None, costs)
     assert [[b - a for a, b in mine] for mine in pieces] == \
         [[sizes[p], sizes[8 + p]] for p in range(8)]
-    assert useful_fraction(interleaved_loads(costs, 4, interleaved_cut(costs, 4, 2))) > 0.97
+    assert useful_fraction(costs.loads(interleaved_cut(costs, 4, 2), 4)) > 0.97
     # The trainer's default interleaved cut is this cut at the device's costs.
     from megamor.model import plan_for
     run = load_config(None, ["model.preset=1p7b", "parallel.pipeline_model_parallel_size=8",
@@ -137,7 +137,7 @@ def test_interleaved_cut_reaches_0p9_at_pp8_for_1p7b():
     assert [len(mine) for mine in got] == [2] * 8
     want = interleaved_cut(cpu, 8, 2)
     assert [[b - a for a, b in mine] for mine in got] == [[want[p], want[8 + p]] for p in range(8)]
-    assert useful_fraction(interleaved_loads(cpu, 8, want)) > 0.95
+    assert useful_fraction(cpu.loads(want, 8)) > 0.95
 
 
 # ----------------------------------------------------------------------------- measurements

@@ -84,7 +84,7 @@ class MegatronEngine(Engine):
     def virtual(self) -> bool:
         return self.cfg.parallel.virtual_pipeline_size > 1
 
-    def _schedule_args(self, batches: list, seq: int, mbs: int) -> dict:
+    def _schedule_args(self, batches: list, seq: int) -> dict:
         """The schedule's data iterators and send shape: one iterator per chunk under the
         interleaved schedule (each chunk takes every micro-batch), whose sends are [s', b,
         hidden] (a MoR wire travels folded: megamor.model.wire); 1F1B's shape function."""
@@ -167,8 +167,7 @@ class MegatronEngine(Engine):
         losses = get_forward_backward_func()(
             forward_step_func=self._forward_step, model=self.chunks,
             num_microbatches=self.num_microbatches, micro_batch_size=cfg.train.micro_batch_size,
-            forward_only=False, **self._schedule_args(batches, cfg.model.seq_length,
-                                                      cfg.train.micro_batch_size))
+            forward_only=False, **self._schedule_args(batches, cfg.model.seq_length))
         self.ctx.progress.enter("optimizer", step)
         lm = [l["lm_loss"] for l in losses]
         # A NaN or infinity in any rank's loss or gradients: no update (megamor/step_health.py).
@@ -206,7 +205,7 @@ class MegatronEngine(Engine):
         out = get_forward_backward_func()(
             forward_step_func=forward_step, model=self.chunks, num_microbatches=n,
             micro_batch_size=tokens.shape[0], forward_only=True,
-            **self._schedule_args([None] * n, tokens.shape[1], tokens.shape[0]))
+            **self._schedule_args([None] * n, tokens.shape[1]))
         return out[:1]
 
     # ------------------------------------------------------------------ checkpoint state

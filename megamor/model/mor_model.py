@@ -211,7 +211,7 @@ class MoRModel(LanguageModule):
         self.wire_channels = 2 * h + 2 if self.routed else h
         # megatron's interleaved schedule sends [s', b, hidden] only: a wider wire travels folded
         # (megamor.model.wire).
-        self.fold_wire = vp_stage is not None and self.wire_channels != h
+        self.wire_folded = vp_stage is not None and self.wire_channels != h
 
         if pre_process:
             with seeded(seed, _TAG_EMBEDDING):
@@ -349,7 +349,7 @@ class MoRModel(LanguageModule):
             state = StageState(x, x, ones, x.new_zeros(s, b))
         else:
             wire = self.input_tensor
-            if self.fold_wire:
+            if self.wire_folded:
                 wire = unfold_wire(wire, self.wire_channels)
             state = StageState.unpack(wire, h) if self.routed else StageState(wire, wire, None, None)
         # The whole sequence's length (this rank holds s / tp of it under sequence parallelism).
@@ -374,7 +374,7 @@ class MoRModel(LanguageModule):
             out = state.pack() if self.routed else state.x
             if out is self.input_tensor:  # an empty chunk: megatron may free what it sends
                 out = out.clone()
-            return fold_wire(out, h) if self.fold_wire else out
+            return fold_wire(out, h) if self.wire_folded else out
         x = state.x if state.xg is None else state.tokens.scatter(state.x, state.xg)
         x = self.final_norm(x)
         logits, _ = self.output_layer(x, weight=self.shared_embedding_or_output_weight())

@@ -24,9 +24,23 @@ from torch import nn
 from megamor.model.mor_model import MoRModel, UniqueLayers
 
 
+def _on_every_part(name: str, doc: str) -> property:
+    """An attribute the loop sets on "the stage" that every chunk must see (read from the first)."""
+    def get(self):
+        return getattr(self.parts[0], name)
+
+    def set_(self, value):
+        for part in self.parts:
+            setattr(part, name, value)
+    return property(get, set_, doc=doc)
+
+
 class VirtualStage(nn.Module):
     """A pipeline rank's V model chunks (`chunks`: what megatron's schedule calls, wrapped for
     precision by `wrap_chunks`; `parts`: the MoRModels themselves)."""
+
+    aux_loss_scale = _on_every_part("aux_loss_scale", "1 / micro-batches (set per step)")
+    trace_routing = _on_every_part("trace_routing", "record routing decisions (depth maps)")
 
     def __init__(self, chunks: list[MoRModel]):
         super().__init__()
@@ -45,12 +59,12 @@ class VirtualStage(nn.Module):
                 layers[u] = layer
         # Kept out of the module tree: the chunks own these modules (registering them here too
         # would name every parameter twice in state dicts).
-        object.__setattr__(self, "_parts", list(chunks))
         object.__setattr__(self, "_layers", layers)
 
     @property
     def parts(self) -> list[MoRModel]:
-        return self._parts
+        """The chunks' MoRModels (inside their precision wrappers, if any)."""
+        return [c if isinstance(c, MoRModel) else c.module for c in self.chunks]
 
     @property
     def layers(self) -> UniqueLayers:
@@ -60,12 +74,12 @@ class VirtualStage(nn.Module):
     @property
     def routers(self) -> dict:
         """Every router of the rank's chunks, keyed by recursion step (one chunk holds each)."""
-        return {k: r for part in self._parts for k, r in part.routers.items()}
+        return {k: r for part in self.parts for k, r in part.routers.items()}
 
     def wrap_chunks(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         """Replace each chunk by `wrap(chunk)` (bf16: megatron's Float16Module, which casts the
         first chunk's input and the last chunk's output by the chunk's `vp_stage`)."""
-        self.chunks = nn.ModuleList([wrap(c) for c in self._parts])
+        self.chunks = nn.ModuleList([wrap(c) for c in self.parts])
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("a VirtualStage is run chunk by chunk by megatron's interleaved "
@@ -74,45 +88,27 @@ class VirtualStage(nn.Module):
     # ------------------------------------------------------------ what the loop asks of a stage
 
     def shared_embedding_or_output_weight(self):
-        for part in self._parts:
+        for part in self.parts:
             if part.pre_process or part.post_process:
                 return part.shared_embedding_or_output_weight()
         return None
 
     @property
-    def aux_loss_scale(self) -> float:
-        return self._parts[0].aux_loss_scale
-
-    @aux_loss_scale.setter
-    def aux_loss_scale(self, value: float) -> None:
-        for part in self._parts:
-            part.aux_loss_scale = value
-
-    @property
-    def trace_routing(self) -> bool:
-        return self._parts[0].trace_routing
-
-    @trace_routing.setter
-    def trace_routing(self, value: bool) -> None:
-        for part in self._parts:
-            part.trace_routing = value
-
-    @property
     def routing_trace(self) -> dict:
         out = {}
-        for part in self._parts:
+        for part in self.parts:
             out.update(part.routing_trace)
         return out
 
     def reset_stats(self) -> None:
-        for part in self._parts:
+        for part in self.parts:
             part.reset_stats()
 
     def stat_keys(self) -> list[str]:
-        return self._parts[0].stat_keys()
+        return self.parts[0].stat_keys()
 
     def update_router_bias(self) -> None:
-        for part in self._parts:
+        for part in self.parts:
             part.update_router_bias()
 
     # ------------------------------------------------------------ checkpoint state
@@ -121,7 +117,7 @@ class VirtualStage(nn.Module):
         """The chunks' sharded state, each module once: the keys a contiguous stage holding the
         same layers would have (`MoRModel.sharded_state_dict`)."""
         out: dict = {}
-        for part in self._parts:
+        for part in self.parts:
             for key, value in part.sharded_state_dict(prefix, sharded_offsets, metadata).items():
                 out.setdefault(key, value)
         return out
@@ -130,15 +126,10 @@ class VirtualStage(nn.Module):
         """Load a state dict keyed as `sharded_state_dict` names it into every chunk (a shared
         layer is loaded once per chunk holding it: the same tensors)."""
         used = set()
-        for part in self._parts:
-            keys = part.state_dict(keep_vars=True).keys()
-            missing = [k for k in keys if k not in state_dict]
-            if missing and strict:
-                raise RuntimeError(f"missing keys in the state dict of chunk {part.vp_stage}: "
-                                   f"{missing[:5]}")
-            part.load_state_dict({k: state_dict[k] for k in keys if k in state_dict},
-                                 strict=strict, assign=assign)
-            used.update(k for k in keys if k in state_dict)
+        for part in self.parts:
+            mine = {k: state_dict[k] for k in part.state_dict(keep_vars=True) if k in state_dict}
+            part.load_state_dict(mine, strict=strict, assign=assign)  # names what is missing
+            used.update(mine)
         unexpected = [k for k in state_dict if k not in used]
         if unexpected and strict:
             raise RuntimeError(f"unexpected keys for this pipeline rank's chunks: {unexpected[:5]}")
