@@ -444,6 +444,9 @@ def main(argv=None) -> int:
             if w.local_ranks_gone():
                 break
     finally:
+        # Done watching: a SIGHUP from here on (srun ending the step while this process exits)
+        # must not raise SystemExit into interpreter shutdown (a traceback in the job log).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         w.close(remove_dir=True)
     return 0
 
